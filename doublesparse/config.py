@@ -1,0 +1,134 @@
+"""`SparsityConfig`: the one validated object that carries every Double Sparsity knob."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+LABEL_BITS = (16, 8, 4)
+SELECTIONS = ("group", "head")
+BACKENDS = ("auto", "torch", "triton")
+
+TokenBudget = Union[int, float]
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"SparsityConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Every knob of Double Sparsity decoding, validated when constructed.
+
+    num_channels:  r, the label channels per head used to score tokens (1..head_dim).
+    token_budget:  tokens attended per step: an int count, or a float in (0, 1] read as a
+                   fraction of the current (unpadded) length, rounded up.
+    label_bits:    16 (keys' 16-bit dtype, fp16 for fp32 models), 8 or 4 (asymmetric integer
+                   quantization per token and head, int4 packed two per byte).
+    sink_tokens:   first tokens always kept, counted inside the budget.
+    recent_tokens: newest tokens always kept (the current token is always kept, whatever this is),
+                   counted inside the budget.
+    dense_layers:  layer indices that always attend densely.
+    min_seq_len:   rows shorter than this attend densely.
+    selection:     "group" = one selection per KV head, shared by its query heads;
+                   "head" = one selection per query head, as in the paper.
+    backend:       "auto" (Triton on CUDA tensors, torch elsewhere), "torch" or "triton".
+    simulate:      teacher-forced evaluation: every query row of a prefill selects its own top-k
+                   among its past, equal row by row to decoding token by token.
+    """
+
+    num_channels: int = 16
+    token_budget: TokenBudget = 1 / 16
+    label_bits: int = 16
+    sink_tokens: int = 0
+    recent_tokens: int = 0
+    dense_layers: tuple[int, ...] = field(default_factory=tuple)
+    min_seq_len: int = 0
+    selection: str = "group"
+    backend: str = "auto"
+    simulate: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dense_layers, (list, set, range)):
+            object.__setattr__(self, "dense_layers", tuple(sorted(self.dense_layers)))
+        self._validate()
+
+    def _validate(self) -> None:
+        if isinstance(self.num_channels, bool) or not isinstance(self.num_channels, int) or self.num_channels < 1:
+            _fail("num_channels", self.num_channels, "a positive int (channels per head, at most head_dim)")
+        budget = self.token_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            _fail("token_budget", budget, "an int token count >= 1 or a float fraction in (0, 1]")
+        if isinstance(budget, int) and budget < 1:
+            _fail("token_budget", budget, "an int token count must be >= 1")
+        if isinstance(budget, float) and not (0.0 < budget <= 1.0 and math.isfinite(budget)):
+            _fail("token_budget", budget, "a float budget is a fraction of the length in (0, 1]")
+        if self.label_bits not in LABEL_BITS:
+            _fail("label_bits", self.label_bits, f"allowed values are {LABEL_BITS}")
+        if self.label_bits == 4 and self.num_channels % 2:
+            _fail("num_channels", self.num_channels, "4-bit labels pack two channels per byte: use an even r")
+        for name in ("sink_tokens", "recent_tokens", "min_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(name, value, "a non-negative int")
+        if isinstance(budget, int) and self.sink_tokens + max(self.recent_tokens, 1) > budget:
+            _fail(
+                "token_budget",
+                budget,
+                f"sink_tokens + recent_tokens (+1 for the current token when recent_tokens=0) = "
+                f"{self.sink_tokens + max(self.recent_tokens, 1)} must fit inside the budget",
+            )
+        if not isinstance(self.dense_layers, tuple) or any(
+            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.dense_layers
+        ):
+            _fail("dense_layers", self.dense_layers, "a sequence of non-negative layer indices")
+        if self.selection not in SELECTIONS:
+            _fail("selection", self.selection, f"allowed values are {SELECTIONS}")
+        if self.backend not in BACKENDS:
+            _fail("backend", self.backend, f"allowed values are {BACKENDS}")
+        if not isinstance(self.simulate, bool):
+            _fail("simulate", self.simulate, "True or False")
+
+    def check_model(self, num_layers: int, head_dim: int) -> None:
+        """Raise ValueError where a knob does not fit a model of this shape."""
+        if self.num_channels > head_dim:
+            _fail("num_channels", self.num_channels, f"r must be <= head_dim ({head_dim}) of this model")
+        bad = [i for i in self.dense_layers if i >= num_layers]
+        if bad:
+            _fail("dense_layers", self.dense_layers, f"indices {bad} are out of range for {num_layers} layers")
+
+    def budget_for(self, length: int) -> int:
+        """Tokens attended by one query row whose past (itself included) holds `length` tokens."""
+        if length <= 0:
+            return 0
+        if length < self.min_seq_len:
+            return length
+        if isinstance(self.token_budget, float):
+            wanted = math.ceil(self.token_budget * length - 1e-9)
+        else:
+            wanted = self.token_budget
+        return max(1, min(length, wanted))
+
+    def replace(self, **changes: Any) -> "SparsityConfig":
+        """A copy with some fields changed, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable form (for result files and metadata)."""
+        data = dataclasses.asdict(self)
+        data["dense_layers"] = list(self.dense_layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SparsityConfig":
+        """Inverse of `to_dict`; unknown keys raise ValueError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SparsityConfig fields {unknown}; known fields are {sorted(known)}")
+        values = dict(data)
+        if "dense_layers" in values:
+            values["dense_layers"] = tuple(values["dense_layers"])
+        return cls(**values)

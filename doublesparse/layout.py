@@ -1,0 +1,65 @@
+"""`HeadLayout`: the attention shape of a model, read from its config (no weights needed)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Layers, heads and head_dim of a decoder, plus which layers use a sliding window."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    model_type: str = ""
+    name: str = ""
+    sliding_layers: tuple[int, ...] = ()
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_config(cls, config: Any) -> "HeadLayout":
+        """Read the layout of a transformers config (the text decoder's, for composite models)."""
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        try:
+            num_layers = int(text.num_hidden_layers)
+            num_heads = int(text.num_attention_heads)
+        except AttributeError as error:
+            raise ValueError(
+                f"config of type {type(config).__name__} has no num_hidden_layers/num_attention_heads: "
+                "doublesparse serves decoder-only attention models"
+            ) from error
+        num_kv_heads = int(getattr(text, "num_key_value_heads", None) or num_heads)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+        return cls(
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=int(head_dim),
+            model_type=str(getattr(text, "model_type", "")),
+            name=str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "")),
+            sliding_layers=_sliding_layers(text, num_layers),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        data = asdict(self)
+        data["sliding_layers"] = list(self.sliding_layers)
+        return data
+
+
+def _sliding_layers(text: Any, num_layers: int) -> tuple[int, ...]:
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types:
+        return tuple(i for i, kind in enumerate(layer_types) if kind != "full_attention")
+    window = getattr(text, "sliding_window", None)
+    # Qwen2-style configs carry a window that only applies when use_sliding_window is set.
+    if window and getattr(text, "use_sliding_window", True):
+        return tuple(range(num_layers))
+    return ()

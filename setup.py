@@ -1,0 +1,46 @@
+"""Packaging for doublesparse.
+
+`kernels/`, `calibration/` and `eval/` sit at the top of the repository (the project card's layout)
+but install as subpackages of `doublesparse`, so nothing generic lands in site-packages.
+"""
+
+from setuptools import setup
+
+PACKAGE_DIRS = {
+    "doublesparse": "doublesparse",
+    "doublesparse.kernels": "kernels",
+    "doublesparse.calibration": "calibration",
+    "doublesparse.eval": "eval",
+}
+
+setup(
+    name="doublesparse",
+    version="0.1.0",
+    description="Double Sparsity (post-training sparse attention) for stock Hugging Face models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=list(PACKAGE_DIRS),
+    package_dir=PACKAGE_DIRS,
+    include_package_data=True,
+    package_data={"doublesparse": ["assets/**/*"], "doublesparse.eval": ["tasks/**/*"]},
+    # Ranges cover the GPU test machine (torch 2.11, triton 3.6, transformers 5.17) up to the
+    # versions pinned here. With torch present in range nothing is replaced; on a fresh CPU machine
+    # of this workplace the newest torch below 2.14 is the local 2.13.0+cpu wheel, and triton
+    # resolves to 3.7.1, the version that torch build expects.
+    install_requires=[
+        "torch>=2.11,<2.14",
+        "triton>=3.6,<3.8; platform_system == 'Linux'",
+        "transformers>=5.17,<5.24",
+        "datasets>=3.0",
+        "einops>=0.7",
+        "lm-eval>=0.4.5",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "tqdm>=4.66",
+        "matplotlib>=3.7",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["doublesparse=doublesparse.cli:main"]},
+)
