@@ -1,0 +1,121 @@
+"""The label cache: a transformers `Cache` whose Double Sparsity layers also keep compact labels.
+
+`LabelCacheLayer.update` appends the new post-RoPE keys and values like `DynamicLayer` and, beside
+them, the labels of the new keys (their r chosen channels, fp16/bf16, int8 or packed int4). Crop,
+beam reorder and batch selection keep keys, values and labels in step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from .kernels.dispatch import make_labels
+from .kernels.label_append import Labels
+
+
+class LabelCacheLayer(DynamicLayer):
+    """A dynamic KV layer that also stores the labels of its keys."""
+
+    def __init__(self, channels: torch.Tensor, label_bits: int, backend: str = "auto") -> None:
+        super().__init__()
+        self.channels = channels
+        self.label_bits = label_bits
+        self.backend = backend
+        self.labels: Optional[Labels] = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Append keys, values and the new keys' labels; return the whole keys and values."""
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.channels.device != key_states.device:
+            self.channels = self.channels.to(key_states.device)
+        new = make_labels(key_states, self.channels, self.label_bits, self.backend)
+        self.labels = new if self.labels is None else Labels(*(_cat(a, b) for a, b in zip(self.labels, new)))
+        return keys, values
+
+    def _map_labels(self, fn) -> None:
+        if self.labels is not None:
+            self.labels = Labels(*(None if t is None else fn(t) for t in self.labels))
+
+    def reset(self) -> None:
+        """Drop keys, values and labels."""
+        super().reset()
+        self.labels = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest tokens (a negative count, as DynamicLayer.crop takes)."""
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0:
+            self._map_labels(lambda t: t[:, :, :tokens_to_remove])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch for beam search."""
+        super().reorder_cache(beam_idx)
+        self._map_labels(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row `repeats` times."""
+        super().batch_repeat_interleave(repeats)
+        self._map_labels(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows in `indices`."""
+        super().batch_select_indices(indices)
+        self._map_labels(lambda t: t[indices, ...])
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held by keys, values and labels (scales and offsets included)."""
+        report = {"keys": _nbytes(self.keys), "values": _nbytes(self.values), "labels": 0}
+        if self.labels is not None:
+            report["labels"] = sum(_nbytes(t) for t in self.labels)
+        return report
+
+
+def _cat(old: Optional[torch.Tensor], new: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if old is None else torch.cat([old, new], dim=2)
+
+
+def _nbytes(tensor: Optional[torch.Tensor]) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+class DoubleSparseCache(DynamicCache):
+    """A DynamicCache whose Double Sparsity layers keep labels; other layers are transformers' own.
+
+    Build it with `doublesparse.make_cache(model)`; a patched model also makes one by itself when it
+    is called with no cache or with an empty one (as `generate` does).
+    """
+
+    def __init__(self, model_config: Any, layer_channels: dict[int, torch.Tensor], label_bits: int, backend: str = "auto"):
+        # transformers picks each layer's kind (full, sliding, chunked) from the config; only full
+        # attention layers that Double Sparsity serves are swapped for label layers.
+        super().__init__(config=model_config)
+        for index, channels in layer_channels.items():
+            if type(self.layers[index]) is not DynamicLayer:
+                raise ValueError(f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers get labels")
+            self.layers[index] = LabelCacheLayer(channels, label_bits, backend)
+
+    def labels(self, layer_idx: int) -> Optional[Labels]:
+        """The labels of layer `layer_idx`, or None where that layer keeps none."""
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        return layer.labels if isinstance(layer, LabelCacheLayer) else None
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held by keys, values and labels over all layers, and their total."""
+        report = {"keys": 0, "values": 0, "labels": 0}
+        for layer in self.layers:
+            if isinstance(layer, LabelCacheLayer):
+                part = layer.memory()
+            else:
+                part = {"keys": _nbytes(getattr(layer, "keys", None)), "values": _nbytes(getattr(layer, "values", None))}
+            for name, value in part.items():
+                report[name] += value
+        report["total"] = report["keys"] + report["values"] + report["labels"]
+        return report
+
+
+def is_empty_cache(cache: Cache) -> bool:
+    """Whether `cache` holds no tokens yet (so it can be swapped for a label cache)."""
+    return all(getattr(layer, "keys", None) is None or layer.keys.numel() == 0 for layer in cache.layers)
