@@ -78,8 +78,8 @@ class ChannelMask:
         head_dim = self.ranking.shape[2]
         if self.ranking.numel() and (self.ranking.min() < 0 or self.ranking.max() >= head_dim):
             raise ValueError(
-                f"channel indices must lie in [0, {head_dim}); found {int(self.ranking.min())}..{int(self.ranking.max())}: "
-                "the file is corrupt or was made for a different head_dim"
+                f"channel indices out of range: they must lie in [0, {head_dim}), found {int(self.ranking.min())}.."
+                f"{int(self.ranking.max())}; the file is corrupt or was made for a different head_dim"
             )
         expected = torch.arange(head_dim).expand_as(self.ranking)
         not_perm = (self.ranking.sort(dim=-1).values != expected).any(dim=-1).nonzero()
@@ -122,7 +122,7 @@ class ChannelMask:
             return replace(self, per_kv_head=True)
         stats = {k: _sum_groups(v, group) for k, v in self.statistics.items()}
         if self.kind in stats:
-            ranking = stats[self.kind].argsort(dim=-1, descending=True, stable=True)
+            ranking = rank_statistic(stats[self.kind], self.calibration.get("rope_pair_dim", 0))
         else:
             ranking = borda_reduce(self.ranking, group)
         return replace(self, ranking=ranking, per_kv_head=True, statistics=stats)
@@ -133,7 +133,7 @@ class ChannelMask:
             return self
         if kind not in self.statistics:
             raise ValueError(f"this mask stores statistics for {sorted(self.statistics)}, not {kind!r}")
-        ranking = self.statistics[kind].argsort(dim=-1, descending=True, stable=True)
+        ranking = rank_statistic(self.statistics[kind], self.calibration.get("rope_pair_dim", 0))
         return replace(self, ranking=ranking, kind=kind)
 
     def concentration(self, num_channels: int) -> torch.Tensor:
@@ -259,6 +259,34 @@ def _authors_entries(data: dict, kind: str, path: Path, missing_ok: bool = False
 def _sum_groups(stat: torch.Tensor, group: int) -> torch.Tensor:
     layers, heads, dim = stat.shape
     return stat.view(layers, heads // group, group, dim).sum(dim=2)
+
+
+def rank_statistic(statistic: torch.Tensor, rope_pair_dim: int = 0) -> torch.Tensor:
+    """Channels of every head [..., d] by decreasing statistic; with `rope_pair_dim`, RoPE pairs stay together.
+
+    RoPE (rotate_half) rotates channel c with c + rope_pair_dim // 2 for c < rope_pair_dim // 2. With
+    pairs kept, a pair ranks by the mean of its two statistics, its stronger member first, the other right
+    after it; channels beyond rope_pair_dim (partial rotary) rank alone. Ties go to the lower index.
+    """
+    if not rope_pair_dim:
+        return statistic.argsort(dim=-1, descending=True, stable=True)
+    dim = statistic.shape[-1]
+    half = rope_pair_dim // 2
+    if rope_pair_dim % 2 or not 0 < rope_pair_dim <= dim:
+        raise ValueError(f"rope_pair_dim must be even and in [2, {dim}], got {rope_pair_dim}")
+    low = torch.arange(half)
+    unpaired = torch.arange(rope_pair_dim, dim)
+    # Units: pairs (c, c + half), then unpaired channels; an unpaired channel's second member is -1.
+    first = torch.cat([low, unpaired]).expand(*statistic.shape[:-1], -1).clone()
+    second = torch.cat([low + half, torch.full_like(unpaired, -1)]).expand_as(first).clone()
+    pair_low, pair_high = statistic[..., :half], statistic[..., half:rope_pair_dim]
+    swap = pair_high > pair_low
+    first[..., :half] = torch.where(swap, low + half, low)
+    second[..., :half] = torch.where(swap, low, low + half)
+    unit_score = torch.cat([(pair_low + pair_high) / 2, statistic[..., rope_pair_dim:]], dim=-1)
+    order = unit_score.argsort(dim=-1, descending=True, stable=True)
+    members = torch.stack([first.gather(-1, order), second.gather(-1, order)], dim=-1).flatten(-2)
+    return members[members >= 0].view(statistic.shape).to(torch.int64)
 
 
 def borda_reduce(ranking: torch.Tensor, group: int) -> torch.Tensor:

@@ -46,3 +46,26 @@ def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, 
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval()
+
+
+def random_channel_mask(model, *, seed: int = 0, per_kv_head: bool = False):
+    """A valid ChannelMask for `model` with random rankings (no calibration needed)."""
+    from doublesparse import ChannelMask, HeadLayout
+
+    layout = HeadLayout.from_config(model.config)
+    generator = torch.Generator().manual_seed(seed)
+    heads = layout.num_kv_heads if per_kv_head else layout.num_heads
+    ranking = torch.rand(layout.num_layers, heads, layout.head_dim, generator=generator).argsort(dim=-1)
+    return ChannelMask(ranking, "qk", layout, per_kv_head=per_kv_head)
+
+
+def left_padded_batch(lengths, *, vocab_size: int = 128, seed: int = 0):
+    """Random token ids [B, max(lengths)] with left padding (pad id 0) and their attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length :] = torch.randint(3, vocab_size, (length,), generator=generator)
+        attention_mask[row, width - length :] = 1
+    return input_ids, attention_mask

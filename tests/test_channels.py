@@ -1,0 +1,119 @@
+"""ChannelMask: files, the authors' format, GQA reduction and validation."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from doublesparse import ChannelMask, HeadLayout
+from doublesparse.channels import borda_reduce
+
+AUTHORS_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "interop" / "authors-Llama-3.1-8B.json"
+
+
+def random_mask(layout: HeadLayout, per_kv_head: bool = False, seed: int = 0, with_statistics: bool = True) -> ChannelMask:
+    generator = torch.Generator().manual_seed(seed)
+    heads = layout.num_kv_heads if per_kv_head else layout.num_heads
+    stats = {k: torch.rand(layout.num_layers, heads, layout.head_dim, generator=generator) for k in ("q", "k", "qk")}
+    ranking = stats["qk"].argsort(dim=-1, descending=True)
+    return ChannelMask(ranking, "qk", layout, per_kv_head, stats if with_statistics else {}, {"seed": seed})
+
+
+LAYOUT = HeadLayout(num_layers=3, num_heads=8, num_kv_heads=2, head_dim=16, model_type="llama", name="tiny")
+
+
+def test_save_load_round_trip(tmp_path):
+    mask = random_mask(LAYOUT)
+    mask.save(tmp_path / "m.safetensors")
+    loaded = ChannelMask.load(tmp_path / "m.safetensors")
+    assert torch.equal(loaded.ranking, mask.ranking)
+    assert loaded.layout == mask.layout and loaded.kind == "qk" and loaded.per_kv_head is False
+    assert loaded.calibration == {"seed": 0}
+    for kind, stat in mask.statistics.items():
+        assert torch.equal(loaded.statistics[kind], stat)
+    assert torch.equal(ChannelMask.load(tmp_path / "m.safetensors", kind="k").ranking, mask.with_kind("k").ranking)
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files must not be left behind"
+
+
+def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
+    import doublesparse.channels as channels
+
+    def broken(tensors, path, metadata):
+        Path(path).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(channels, "save_file", broken)
+    with pytest.raises(OSError):
+        random_mask(LAYOUT).save(tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_authors_file_loads_and_validates_against_llama_3_1_8b_shape():
+    if not AUTHORS_FILE.exists():
+        pytest.skip("../shared/interop is not beside this checkout")
+    config = LlamaConfig(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336)
+    layout = HeadLayout.from_config(config)
+    qk = ChannelMask.load(AUTHORS_FILE, layout=layout)
+    assert qk.kind == "qk" and qk.ranking.shape == (32, 32, 128) and not qk.per_kv_head
+    qk.validate(layout)
+    k = ChannelMask.load(AUTHORS_FILE, kind="k", layout=layout)
+    assert k.per_kv_head and k.ranking.shape == (32, 8, 128)
+    k.validate(layout)
+    reduced = qk.per_kv()
+    assert reduced.ranking.shape == (32, 8, 128)
+    reduced.check_rankings()
+    # Without a layout the head counts are inferred from the q and k entries.
+    assert ChannelMask.load(AUTHORS_FILE).layout.num_kv_heads == 8
+
+
+def test_authors_json_export_round_trip(tmp_path):
+    mask = random_mask(LAYOUT)
+    mask.to_authors_json(tmp_path / "m.json")
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert len(data["model.layers.0.self_attn.qk_proj"]) == 8
+    assert len(data["model.layers.0.self_attn.k_proj"]) == 2
+    loaded = ChannelMask.load(tmp_path / "m.json", layout=LAYOUT)
+    assert torch.equal(loaded.ranking, mask.ranking)
+
+
+def test_borda_reduction_prefers_channels_ranked_high_by_the_whole_group():
+    # Two query heads in one group: channel 3 is 1st and 2nd, channel 0 is 1st and last.
+    ranking = torch.tensor([[[3, 0, 1, 2], [2, 3, 1, 0]]])
+    assert borda_reduce(ranking, 2).tolist() == [[[3, 2, 0, 1]]]
+
+
+def test_gqa_reduction_sums_statistics_when_present():
+    mask = random_mask(LAYOUT)
+    reduced = mask.per_kv()
+    expected = mask.statistics["qk"].view(3, 2, 4, 16).sum(2).argsort(dim=-1, descending=True)
+    assert torch.equal(reduced.ranking, expected)
+    assert reduced.per_kv_head
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda r: r.__setitem__((0, 0, 0), 99), "range"),
+        (lambda r: r.__setitem__((1, 2, 3), int(r[1, 2, 4])), "permutation"),
+    ],
+)
+def test_bad_indices_are_rejected(corrupt, message):
+    ranking = random_mask(LAYOUT).ranking.clone()
+    corrupt(ranking)
+    with pytest.raises(ValueError, match=message):
+        ChannelMask(ranking, "qk", LAYOUT, per_kv_head=False)
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (HeadLayout(num_layers=4, num_heads=8, num_kv_heads=2, head_dim=16), "layers"),
+        (HeadLayout(num_layers=3, num_heads=8, num_kv_heads=2, head_dim=32), "head_dim"),
+        (HeadLayout(num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16), "query heads"),
+    ],
+)
+def test_mask_for_another_model_is_rejected(other, message):
+    with pytest.raises(ValueError, match=message):
+        random_mask(LAYOUT).validate(other)
