@@ -5,6 +5,11 @@ For query head h reading label head g = h // (H_q // H_label):
 With `group_reduce`, the heads that share a selection head (H_q // H_select of them) are reduced by
 their maximum, so one selection serves a whole KV group: a token is kept when any query head of the
 group would rank it high.
+
+Integer labels are scored without dequantizing them: with label = offset + scale * code,
+    q . label = scale * (q . code) + offset * sum(q).
+Every cached token is scored, padding included: ragged batches rely on selection, which never picks
+an invalid key (see selection.py), so no length input is needed here.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ from typing import Optional
 
 import torch
 
-from .label_append import Labels, dequantize_labels
+from .label_append import Labels
+
+try:  # the torch reference must import where triton is missing (e.g. macOS)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the platform
+    triton = None
 
 
 def gather_query_channels(query: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
@@ -24,6 +35,13 @@ def gather_query_channels(query: torch.Tensor, channels: torch.Tensor) -> torch.
     per_query = channels.to(query.device).repeat_interleave(per_label, dim=0)
     index = per_query[None, :, None, :].expand(query.shape[0], -1, query.shape[2], -1)
     return torch.gather(query, 3, index)
+
+
+def _check_heads(num_q_heads: int, num_label_heads: int, num_select_heads: int) -> None:
+    if num_q_heads % num_label_heads:
+        raise ValueError(f"{num_q_heads} query heads cannot share {num_label_heads} label heads evenly")
+    if num_q_heads % num_select_heads:
+        raise ValueError(f"{num_q_heads} query heads cannot be reduced into {num_select_heads} selection heads")
 
 
 def label_scores_reference(
@@ -38,12 +56,159 @@ def label_scores_reference(
     q_labels: [B, H_q, L, r]; labels: codes [B, H_label, T, ...]. `num_select_heads` (default H_q)
     divides H_q; consecutive query heads are max-reduced into one selection head.
     """
-    batch, num_q_heads, rows, _ = q_labels.shape
-    num_label_heads = labels.codes.shape[1]
-    keys = dequantize_labels(labels, bits, torch.float32)
-    keys = keys.repeat_interleave(num_q_heads // num_label_heads, dim=1)
-    scores = torch.matmul(q_labels.float(), keys.transpose(-1, -2)) * scaling
+    batch, num_q_heads, rows, num_channels = q_labels.shape
+    num_label_heads, num_tokens = labels.codes.shape[1], labels.codes.shape[2]
     heads = num_select_heads or num_q_heads
+    _check_heads(num_q_heads, num_label_heads, heads)
+    per_label = num_q_heads // num_label_heads
+    # The query heads of one label head side by side: one matmul per label head, labels never repeated.
+    queries = q_labels.float().reshape(batch, num_label_heads, per_label * rows, num_channels)
+    if bits == 16:
+        dots = torch.matmul(queries, labels.codes.float().transpose(-1, -2))
+    elif bits in (8, 4):
+        if bits == 8:
+            dots = torch.matmul(queries, labels.codes.float().transpose(-1, -2))
+        else:  # channel 2j is the low nibble, 2j+1 the high one
+            low = (labels.codes & 0x0F).float().transpose(-1, -2)
+            high = (labels.codes >> 4).float().transpose(-1, -2)
+            dots = torch.matmul(queries[..., 0::2], low) + torch.matmul(queries[..., 1::2], high)
+        scale = labels.scale.float()[:, :, None, :]
+        offset = labels.offset.float()[:, :, None, :]
+        dots = scale * dots + offset * queries.sum(dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"label bits must be 16, 8 or 4, got {bits}")
+    scores = (dots * scaling).view(batch, num_q_heads, rows, num_tokens)
     if heads != num_q_heads:
-        scores = scores.view(batch, heads, num_q_heads // heads, rows, -1).amax(dim=2)
+        scores = scores.view(batch, heads, num_q_heads // heads, rows, num_tokens).amax(dim=2)
+    return scores
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot_rows(queries, keys):
+        # [BLOCK_L, C] x [BLOCK_T, C] -> [BLOCK_L, BLOCK_T]; decode has one row, too few for tl.dot.
+        return tl.sum(queries[:, None, :] * keys[None, :, :], axis=2)
+
+    @triton.jit
+    def _label_scores_kernel(
+        q_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr,
+        num_tokens, num_rows, num_row_blocks, scaling,
+        stride_qb, stride_qh, stride_ql, stride_qc,
+        stride_cb, stride_ch, stride_ct, stride_cc,
+        stride_sb, stride_sh, stride_st,
+        stride_ob, stride_oh, stride_ol, stride_ot,
+        NUM_CHANNELS: tl.constexpr, BITS: tl.constexpr,
+        QUERY_PER_LABEL: tl.constexpr, LABELS_PER_PROGRAM: tl.constexpr,
+        SELECTS_PER_LABEL: tl.constexpr, HEADS_PER_SELECT_IN_LABEL: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        # One program owns whole label heads: each label tile is loaded once and scored against every
+        # query head that reads it, then max-reduced into the selection heads it feeds.
+        block_t = tl.program_id(0)
+        unit = tl.program_id(1)
+        batch = tl.program_id(2) // num_row_blocks
+        row_block = tl.program_id(2) % num_row_blocks
+        rows = row_block * BLOCK_L + tl.arange(0, BLOCK_L)
+        row_ok = rows < num_rows
+        tokens = block_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        token_ok = tokens < num_tokens
+        lanes = tl.arange(0, BLOCK_C)
+        CODE_WIDTH: tl.constexpr = NUM_CHANNELS // 2 if BITS == 4 else NUM_CHANNELS
+        lane_ok = lanes < CODE_WIDTH
+        best = tl.full((BLOCK_L, BLOCK_T), -float("inf"), tl.float32)
+        for lab in tl.static_range(LABELS_PER_PROGRAM):
+            label_head = unit * LABELS_PER_PROGRAM + lab
+            label_rows = codes_ptr + batch * stride_cb + label_head * stride_ch + tokens[:, None] * stride_ct
+            codes = tl.load(label_rows + lanes[None, :] * stride_cc, mask=token_ok[:, None] & lane_ok[None, :], other=0)
+            if BITS == 4:
+                low_codes = (codes & 0x0F).to(tl.float32)
+                high_codes = (codes >> 4).to(tl.float32)
+            else:
+                codes = codes.to(tl.float32)
+            if BITS != 16:
+                stats = batch * stride_sb + label_head * stride_sh + tokens * stride_st
+                scale = tl.load(scale_ptr + stats, mask=token_ok, other=0.0).to(tl.float32)
+                offset = tl.load(offset_ptr + stats, mask=token_ok, other=0.0).to(tl.float32)
+            for sel in tl.static_range(SELECTS_PER_LABEL):
+                if SELECTS_PER_LABEL > 1:
+                    best = tl.full((BLOCK_L, BLOCK_T), -float("inf"), tl.float32)
+                for j in tl.static_range(HEADS_PER_SELECT_IN_LABEL):
+                    q_head = label_head * QUERY_PER_LABEL + sel * HEADS_PER_SELECT_IN_LABEL + j
+                    q_rows = q_ptr + batch * stride_qb + q_head * stride_qh + rows[:, None] * stride_ql
+                    q_ok = row_ok[:, None] & lane_ok[None, :]
+                    if BITS == 4:
+                        q_even = tl.load(q_rows + (2 * lanes[None, :]) * stride_qc, mask=q_ok, other=0.0).to(tl.float32)
+                        q_odd = tl.load(q_rows + (2 * lanes[None, :] + 1) * stride_qc, mask=q_ok, other=0.0).to(tl.float32)
+                        dots = _dot_rows(q_even, low_codes) + _dot_rows(q_odd, high_codes)
+                        q_sum = tl.sum(q_even, axis=1) + tl.sum(q_odd, axis=1)
+                    else:
+                        queries = tl.load(q_rows + lanes[None, :] * stride_qc, mask=q_ok, other=0.0).to(tl.float32)
+                        dots = _dot_rows(queries, codes)
+                        q_sum = tl.sum(queries, axis=1)
+                    if BITS != 16:
+                        dots = scale[None, :] * dots + offset[None, :] * q_sum[:, None]
+                    best = tl.maximum(best, dots * scaling)
+                if SELECTS_PER_LABEL > 1:
+                    select_head = label_head * SELECTS_PER_LABEL + sel
+                    out = out_ptr + batch * stride_ob + select_head * stride_oh + rows[:, None] * stride_ol + tokens[None, :] * stride_ot
+                    tl.store(out, best, mask=row_ok[:, None] & token_ok[None, :])
+        if SELECTS_PER_LABEL == 1:
+            out = out_ptr + batch * stride_ob + unit * stride_oh + rows[:, None] * stride_ol + tokens[None, :] * stride_ot
+            tl.store(out, best, mask=row_ok[:, None] & token_ok[None, :])
+
+
+def label_scores_triton(
+    q_labels: torch.Tensor,
+    labels: Labels,
+    bits: int,
+    scaling: float,
+    num_select_heads: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+    block_tokens: Optional[int] = None,
+) -> torch.Tensor:
+    """Triton label scores: same result as `label_scores_reference` (fp32 [B, H_select, L, T], or into `out`)."""
+    if triton is None:
+        raise ValueError("label_scores_triton needs triton installed; use backend='torch'")
+    if bits not in (16, 8, 4):
+        raise ValueError(f"label bits must be 16, 8 or 4, got {bits}")
+    batch, num_q_heads, rows, num_channels = q_labels.shape
+    codes = labels.codes
+    num_label_heads, num_tokens = codes.shape[1], codes.shape[2]
+    heads = num_select_heads or num_q_heads
+    _check_heads(num_q_heads, num_label_heads, heads)
+    per_label = num_q_heads // num_label_heads
+    per_select = num_q_heads // heads
+    if per_select > per_label and per_select % per_label:
+        raise ValueError(f"a selection head of {per_select} query heads must cover whole label heads of {per_label}")
+    expected_width = num_channels // 2 if bits == 4 else num_channels
+    if codes.shape[3] != expected_width:
+        raise ValueError(f"labels hold {codes.shape[3]} code lanes, {bits}-bit labels of {num_channels} channels need {expected_width}")
+    if out is None:
+        scores = torch.empty(batch, heads, rows, num_tokens, dtype=torch.float32, device=q_labels.device)
+    elif out.shape != (batch, heads, rows, num_tokens) or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 of shape {(batch, heads, rows, num_tokens)}, got {out.dtype} {tuple(out.shape)}")
+    else:
+        scores = out
+    if scores.numel() == 0:
+        return scores
+    labels_per_program = max(1, per_select // per_label)
+    block_l = min(triton.next_power_of_2(rows), 4)
+    block_c = triton.next_power_of_2(expected_width)
+    if block_tokens is None:
+        block_tokens = max(16, min(256, 4096 // (block_l * block_c)))
+    num_row_blocks = triton.cdiv(rows, block_l)
+    scale = labels.scale if bits != 16 else scores
+    offset = labels.offset if bits != 16 else scores
+    stats_strides = labels.scale.stride() if bits != 16 else (0, 0, 0)
+    grid = (triton.cdiv(num_tokens, block_tokens), num_label_heads // labels_per_program, batch * num_row_blocks)
+    _label_scores_kernel[grid](
+        q_labels, codes, scale, offset, scores,
+        num_tokens, rows, num_row_blocks, float(scaling),
+        *q_labels.stride(), *codes.stride(), *stats_strides, *scores.stride(),
+        NUM_CHANNELS=num_channels, BITS=bits,
+        QUERY_PER_LABEL=per_label, LABELS_PER_PROGRAM=labels_per_program,
+        SELECTS_PER_LABEL=max(1, per_label // per_select), HEADS_PER_SELECT_IN_LABEL=min(per_select, per_label),
+        BLOCK_L=block_l, BLOCK_T=block_tokens, BLOCK_C=block_c,
+    )
     return scores
