@@ -23,9 +23,9 @@ def generate(model, input_ids, attention_mask, steps=6):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("selection", ["group", "head"])
-def test_full_budget_equals_dense_with_left_padding(arch, selection):
-    model = tiny_model(arch)
+@pytest.mark.parametrize("selection, num_kv_heads", [("group", 2), ("head", 2), ("group", 4)])
+def test_full_budget_equals_dense_with_left_padding(arch, selection, num_kv_heads):
+    model = tiny_model(arch, num_kv_heads=num_kv_heads)
     input_ids, attention_mask = left_padded_batch([14, 9], seed=1)
     with torch.no_grad():
         dense_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -66,9 +66,10 @@ def straightforward_decode(q, k, v, valid, channels, config, scaling):
 @pytest.mark.parametrize("sink_tokens, recent_tokens", [(0, 0), (2, 3)])
 @pytest.mark.parametrize("label_bits", [16, 4])
 @pytest.mark.parametrize("budget", [7, 0.3])
-def test_decode_step_matches_straightforward_implementation(selection, sink_tokens, recent_tokens, label_bits, budget):
+@pytest.mark.parametrize("num_kv", [2, 4])
+def test_decode_step_matches_straightforward_implementation(selection, sink_tokens, recent_tokens, label_bits, budget, num_kv):
     torch.manual_seed(0)
-    batch, num_q, num_kv, length, head_dim, r = 2, 4, 2, 23, 16, 4
+    batch, num_q, length, head_dim, r = 2, 4, 23, 16, 4
     q = torch.randn(batch, num_q, 1, head_dim)
     k = torch.randn(batch, num_kv, length, head_dim) * torch.linspace(0.2, 3, head_dim)
     v = torch.randn(batch, num_kv, length, head_dim)
