@@ -158,7 +158,7 @@ class ChannelMask:
             "layout": json.dumps(self.layout.to_dict(), sort_keys=True),
             "calibration": json.dumps(self.calibration, sort_keys=True),
         }
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(path, lambda tmp: _save_canonical(tensors, metadata, tmp))
 
     @classmethod
     def load(cls, path: PathLike, *, kind: Optional[str] = None, layout: Optional[HeadLayout] = None) -> "ChannelMask":
@@ -300,6 +300,17 @@ def borda_reduce(ranking: torch.Tensor, group: int) -> torch.Tensor:
     # One sortable key: total position first, then best single position, then channel index.
     key = (total * (dim + 1) + best) * dim + torch.arange(dim)
     return key.argsort(dim=-1)
+
+
+def _save_canonical(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
+    # safetensors writes the header map in hash order, so the same mask gave different bytes on each
+    # save; rewriting the header with sorted keys makes equal masks give equal files.
+    save_file(tensors, path, metadata=metadata)
+    data = Path(path).read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)
+    Path(path).write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size :])
 
 
 def atomic_write(path: PathLike, write) -> None:

@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 SUBCOMMANDS = {
     "run": "doublesparse.eval.main_job",
+    "calibrate": "doublesparse.calibration.command",
+    "inspect": "doublesparse.calibration.inspect_command",
 }
 
 

@@ -1,0 +1,204 @@
+"""`calibrate`: rank the channels of every head of a model from post-RoPE q/k statistics over some text.
+
+One pass over the calibration blocks collects the q, k and qk statistics together (see
+`statistics.py`); the mask is ranked by `kind` and stores all three, so `ChannelMask.with_kind` can
+switch without calibrating again. Statistics are stored per query head (k: each query head holds its
+KV head's row), so `ChannelMask.per_kv` sums a group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+from doublesparse.channels import KINDS, ChannelMask, rank_statistic
+from doublesparse.layout import HeadLayout
+from doublesparse.patch import STATE_ATTRIBUTE, attention_modules, check_supported
+
+from .capture import capturing
+from .data import calibration_blocks
+from .statistics import ChannelStatistics
+
+
+def calibrate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    kind: str = "qk",
+    num_samples: int = 256,
+    seq_len: int = 512,
+    seed: int = 0,
+    batch_size: int = 8,
+    keep_rope_pairs: bool = False,
+    progress: bool = True,
+    source: Optional[str] = None,
+) -> ChannelMask:
+    """Calibrate `model` on `texts` (packed into `num_samples` blocks of `seq_len` tokens) and rank its channels by `kind`."""
+    if isinstance(texts, (str, bytes)):
+        raise ValueError(
+            "texts must be a sequence of documents, got a single string: wrap it in a list, or read a file "
+            "with doublesparse.calibration.read_documents(path)"
+        )
+    check_settings(kind=kind, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size)
+    check_model(model)
+    texts = list(texts)
+    if not any(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError("the calibration data is empty: pass at least one non-empty text")
+    blocks = calibration_blocks(tokenizer, texts, num_samples=num_samples, seq_len=seq_len, seed=seed)
+    settings = {"source": source or f"{len(texts)} texts", "seq_len": seq_len, "seed": seed}
+    return calibrate_blocks(
+        model, blocks, kind=kind, batch_size=batch_size, keep_rope_pairs=keep_rope_pairs, progress=progress, calibration=settings
+    )
+
+
+def calibrate_blocks(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    *,
+    kind: str = "qk",
+    batch_size: int = 8,
+    keep_rope_pairs: bool = False,
+    progress: bool = True,
+    calibration: Optional[dict[str, Any]] = None,
+) -> ChannelMask:
+    """Calibrate `model` on token blocks [N, L] (padding marked 0 in `attention_mask`) and rank its channels by `kind`."""
+    check_settings(kind=kind, batch_size=batch_size)
+    layout, modules = check_model(model)
+    input_ids, attention_mask = _check_blocks(model, input_ids, attention_mask)
+    pair_dim = rope_pair_dim(model.config, layout.head_dim) if keep_rope_pairs else 0
+    started = _start_time()
+
+    statistics = ChannelStatistics(layout)
+    _run_forwards(model, modules, statistics, input_ids, attention_mask, batch_size, progress)
+    means = statistics.means()
+    metadata = {
+        "source": "token blocks",
+        **(calibration or {}),
+        "num_samples": int(input_ids.shape[0]),
+        "seq_len": int(input_ids.shape[1]),
+        "tokens": statistics.tokens,
+        "kind": kind,
+        "keep_rope_pairs": bool(keep_rope_pairs),
+        "rope_pair_dim": pair_dim,
+        "model": layout.name,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "versions": _versions(),
+        "time": started,
+    }
+    return ChannelMask(
+        ranking=rank_statistic(means[kind], pair_dim),
+        kind=kind,
+        layout=layout,
+        per_kv_head=False,
+        statistics=means,
+        calibration=metadata,
+    )
+
+
+def check_settings(*, kind: str = "qk", num_samples: int = 1, seq_len: int = 2, batch_size: int = 1) -> None:
+    """Raise ValueError, saying what to change, for calibration settings out of range."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    for name, value, least in (("num_samples", num_samples, 1), ("seq_len", seq_len, 2), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int of at least {least}, got {value!r}")
+
+
+def check_model(model: torch.nn.Module) -> tuple[HeadLayout, list[torch.nn.Module]]:
+    """The head layout and attention modules of a model calibration can serve; ValueError otherwise."""
+    config = getattr(model, "config", None)
+    if config is None or not isinstance(model, torch.nn.Module):
+        raise ValueError(f"calibration needs a transformers model, got {type(model).__name__}")
+    if getattr(model, STATE_ATTRIBUTE, None) is not None:
+        raise ValueError("this model is patched by doublesparse: call doublesparse.remove(model) before calibrating")
+    layout = HeadLayout.from_config(config)
+    check_supported(model, layout)
+    return layout, attention_modules(model, layout)
+
+
+def rope_pair_dim(config: Any, head_dim: int) -> int:
+    """Channels of a head that RoPE rotates in pairs (head_dim, or less with partial rotary)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    rope = getattr(text, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    if factor is None:
+        factor = getattr(text, "partial_rotary_factor", None) or 1.0
+    rotary = int(head_dim * float(factor))
+    return rotary - rotary % 2
+
+
+def _check_blocks(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"calibration blocks must be a non-empty [blocks, seq_len] tensor, got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point:
+        raise ValueError("calibration blocks must hold integer token ids")
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+        raise ValueError(
+            f"token ids range over {int(input_ids.min())}..{int(input_ids.max())} but the model's vocabulary has {vocab}: "
+            "use the model's own tokenizer"
+        )
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from the blocks' {tuple(input_ids.shape)}")
+        if not bool(attention_mask.bool().any()):
+            raise ValueError("attention_mask marks every token as padding")
+    return input_ids.long(), attention_mask
+
+
+def _run_forwards(
+    model: torch.nn.Module,
+    modules: list[torch.nn.Module],
+    statistics: ChannelStatistics,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    batch_size: int,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    device = model.get_input_embeddings().weight.device
+    extra = {"use_cache": False}
+    # Logits over the whole vocabulary are not needed: ask for the last position only where supported.
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1
+    total = int(attention_mask.bool().sum()) if attention_mask is not None else input_ids.numel()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), capturing(model, modules, statistics), tqdm(
+            total=total, unit="tok", unit_scale=True, desc="calibrating", disable=not progress
+        ) as bar:
+            for start in range(0, len(input_ids), batch_size):
+                ids = input_ids[start : start + batch_size].to(device)
+                mask = attention_mask[start : start + batch_size].to(device) if attention_mask is not None else None
+                statistics.token_mask = mask.bool() if mask is not None else None
+                model(input_ids=ids, attention_mask=mask, **extra)
+                bar.update(int(mask.bool().sum()) if mask is not None else ids.numel())
+    finally:
+        statistics.token_mask = None
+        model.train(was_training)
+
+
+def _start_time() -> str:
+    # SOURCE_DATE_EPOCH (the reproducible-builds convention) pins the recorded time, for byte-identical files.
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch else datetime.datetime.now(datetime.timezone.utc)
+    return moment.replace(microsecond=0).isoformat()
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import doublesparse
+
+    return {"doublesparse": doublesparse.__version__, "torch": torch.__version__, "transformers": transformers.__version__}

@@ -1,0 +1,126 @@
+"""`doublesparse calibrate`: calibrate a model's channels on some text and write the channel mask."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+HELP = "rank the channels of every attention head from q/k statistics over calibration text"
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of the calibrate command."""
+    parser.add_argument("--model", help="model folder or hub id (default: the bundled model, if installed)")
+    parser.add_argument(
+        "--data",
+        help="a .txt file, folder of .txt, .jsonl file, saved dataset folder, or datasets name[:config] "
+        "(default: the bundled model's corpus, if installed)",
+    )
+    parser.add_argument("--field", default="text", help="text field of jsonl records or dataset rows (default: text)")
+    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--kind", default="qk", choices=("q", "k", "qk"), help="statistic that ranks channels (default: qk)")
+    parser.add_argument("--samples", type=int, default=256, help="calibration blocks (default: 256)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per block (default: 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the block sampling (default: 0)")
+    parser.add_argument("--keep-rope-pairs", action="store_true", help="rank RoPE channel pairs, keeping both members together")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32; statistics are fp32 anyway)")
+    parser.add_argument("--device-map", help='passed to from_pretrained, e.g. "auto" to split the model over devices')
+    parser.add_argument("--device", help="device for the model without --device-map (default: cuda if available, else cpu)")
+    parser.add_argument("--out", default="channels.safetensors", help="output channel mask (default: channels.safetensors)")
+    parser.add_argument(
+        "--format", default="safetensors", choices=("safetensors", "json"), help="json also writes the authors'/SGLang JSON beside the file"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Calibrate, save, print a summary."""
+    from doublesparse.calibration.calibrator import calibrate, check_settings
+    from doublesparse.calibration.data import default_data_path, read_documents
+    from doublesparse.calibration.report import concentration_summary, radii_for
+
+    check_settings(kind=args.kind, num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
+    out = Path(args.out)
+    if out.suffix == ".json":
+        raise ValueError("--out names the safetensors file; add --format json to also write the JSON beside it")
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a folder: name the file to write")
+    data = args.data
+    if data is None:
+        data = default_data_path()
+        if data is None:
+            raise ValueError("no --data given and no bundled calibration corpus is installed: pass --data PATH_OR_NAME")
+    documents = read_documents(data, field=args.field, split=args.split)
+    model, tokenizer, model_name = load_model(args.model, args.dtype, args.device_map, args.device)
+
+    started = time.perf_counter()
+    mask = calibrate(
+        model,
+        tokenizer,
+        documents,
+        kind=args.kind,
+        num_samples=args.samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        keep_rope_pairs=args.keep_rope_pairs,
+        progress=not args.no_progress,
+        source=str(data),
+    )
+    seconds = time.perf_counter() - started
+    mask.save(out)
+    written = [str(out)]
+    if args.format == "json":
+        json_path = out.with_suffix(".json")
+        mask.to_authors_json(json_path)
+        written.append(str(json_path))
+
+    tokens = mask.calibration["tokens"]
+    layout = mask.layout
+    print(f"calibrated {model_name} on {data}")
+    print(
+        f"  {mask.calibration['num_samples']} blocks x {mask.calibration['seq_len']} tokens = {tokens:,} tokens "
+        f"in {seconds:.1f} s ({tokens / max(seconds, 1e-9):,.0f} tokens/s)"
+    )
+    print(
+        f"  {layout.num_layers} layers, {layout.num_heads} query heads / {layout.num_kv_heads} KV heads, head_dim "
+        f"{layout.head_dim}; ranked by {mask.kind}{', RoPE pairs kept' if args.keep_rope_pairs else ''}"
+    )
+    print(f"  wrote {', '.join(written)}")
+    print(f"share of the {mask.kind} statistic in the top r channels (mean over heads):")
+    print(concentration_summary(mask, radii_for(layout.head_dim)))
+    return 0
+
+
+def load_model(name: str | None, dtype: str, device_map: str | None, device: str | None):
+    """(model, tokenizer, name) from a folder or hub id, or the bundled model when `name` is None."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name is None:
+        name = _bundled_model()
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        kwargs = {"dtype": torch_dtype}
+        if device_map:
+            kwargs["device_map"] = device_map
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as error:
+        raise ValueError(f"cannot load model {name!r}: {error}") from error
+    if not device_map:
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.eval(), tokenizer, name
+
+
+def _bundled_model() -> str:
+    import doublesparse
+
+    folder = Path(doublesparse.__file__).parent / "assets" / "default_model"
+    if not (folder / "config.json").is_file():
+        raise ValueError("no --model given and no bundled model is installed: pass --model PATH_OR_ID")
+    return str(folder)
