@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .cache import DoubleSparseCache, LabelCacheLayer
+from .cache import DoubleSparseCache, LabelCacheLayer, StaticDoubleSparseCache, StaticLabelLayer
 from .channels import ChannelMask
 from .config import SparsityConfig
 from .layout import HeadLayout
@@ -33,6 +33,8 @@ __all__ = [
     "HeadLayout",
     "LabelCacheLayer",
     "SparsityConfig",
+    "StaticDoubleSparseCache",
+    "StaticLabelLayer",
     "apply",
     "calibrate",
     "load_default_model",

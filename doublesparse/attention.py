@@ -41,19 +41,34 @@ class LayerPlan:
         return self.channels
 
 
-def valid_keys(attention_mask: Optional[torch.Tensor], batch: int, rows: int, length: int, device: torch.device) -> torch.Tensor:
+def valid_keys(
+    attention_mask: Optional[torch.Tensor],
+    batch: int,
+    rows: int,
+    length: int,
+    device: torch.device,
+    filled: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Bool [B, L, T]: which keys each query row may attend (causal and not padding).
 
-    The L query rows are the newest L of the T keys, as in a cache that grows by appending.
+    The L query rows are the newest L keys written: the last L of the T keys of a growing cache,
+    or those ending at `filled` (a 0-d tensor) in a preallocated one.
     """
+    keys = torch.arange(length, device=device)
+    end = length if filled is None else filled.to(device)
+    queries = end - rows + torch.arange(rows, device=device)
+    causal = (keys[None, :] <= queries[:, None]).expand(batch, rows, length)
     if attention_mask is None:
-        keys = torch.arange(length, device=device)
-        queries = torch.arange(length - rows, length, device=device)
-        return (keys[None, :] <= queries[:, None]).expand(batch, rows, length)
+        return causal
     mask = attention_mask
     if mask.dtype != torch.bool:
         mask = mask > torch.finfo(mask.dtype).min / 2
-    return mask[:, 0, -rows:, :length].expand(batch, rows, length)
+    return mask[:, 0, -rows:, :length].expand(batch, rows, length) & causal
+
+
+def static_max_budget(config: SparsityConfig, length: int) -> int:
+    """Slots per row that cover every row's budget in a cache of `length` positions."""
+    return min(length, max(config.budget_for(length), config.min_seq_len - 1))
 
 
 def row_budgets(config: SparsityConfig, lengths: torch.Tensor) -> torch.Tensor:
@@ -90,15 +105,27 @@ def double_sparse_attention(
     batch, _, rows, head_dim = query.shape
     length = key.shape[2]
     config = plan.config
-    if rows == length and not config.simulate:
-        return dense_call()
+    filled = _filled_length(cache, plan.layer_idx)
+    if rows > 1 and not config.simulate:
+        # A prefill (no past) is dense. Static caches only know their fill on the device; reading it
+        # here is fine because prefills are never captured in a graph.
+        past = (int(filled) if filled is not None else length) - rows
+        if past == 0:
+            return dense_call()
     scaling = head_dim**-0.5 if scaling is None else scaling
 
-    valid = valid_keys(attention_mask, batch, rows, length, query.device)
+    valid = valid_keys(attention_mask, batch, rows, length, query.device, filled)
     lengths = valid.sum(dim=-1)
     budgets = row_budgets(config, lengths)
-    if bool((budgets >= lengths).all()):
-        return dense_call()
+    if filled is None:
+        if bool((budgets >= lengths).all()):
+            return dense_call()
+        max_budget = int(budgets.max())
+    else:
+        # Preallocated cache: a fixed number of slots from shapes alone, so nothing is read back.
+        max_budget = static_max_budget(config, length)
+        if max_budget >= length:
+            return dense_call()
 
     channels = plan.channels_on(query.device)
     labels = _cached_labels(cache, plan.layer_idx, length)
@@ -107,7 +134,6 @@ def double_sparse_attention(
     scores = label_scores(
         gather_query_channels(query, channels), labels, config.label_bits, scaling, plan.num_select_heads, config.backend
     )
-    max_budget = int(budgets.max())
     indices, slot_valid = select_tokens(
         scores, valid, budgets, config.sink_tokens, config.recent_tokens, max_budget, config.backend
     )
@@ -116,6 +142,15 @@ def double_sparse_attention(
     else:
         out = masked_attention_reference(query, key, value, selection_mask(indices, slot_valid, length), scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _filled_length(cache: Any, layer_idx: int) -> Optional[torch.Tensor]:
+    """Tokens written so far in a preallocated label layer (a 0-d tensor); None for growing caches."""
+    layers = getattr(cache, "layers", None)
+    layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+    if layer is None or getattr(layer, "labels", None) is None or not getattr(layer, "is_compileable", False):
+        return None
+    return layer.cumulative_length
 
 
 def _cached_labels(cache: Any, layer_idx: int, length: int) -> Optional[Labels]:

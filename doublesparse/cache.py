@@ -3,6 +3,10 @@
 `LabelCacheLayer.update` appends the new post-RoPE keys and values like `DynamicLayer` and, beside
 them, the labels of the new keys (their r chosen channels, fp16/bf16, int8 or packed int4). Crop,
 beam reorder and batch selection keep keys, values and labels in step.
+
+`StaticLabelLayer` is the preallocated form (transformers' `StaticLayer` conventions): fixed
+buffers written in place at the cache position, so a decode step allocates nothing, reads no value
+back to the host, and can be compiled and captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
 from .kernels.dispatch import make_labels
 from .kernels.label_append import Labels
@@ -100,13 +104,13 @@ class DoubleSparseCache(DynamicCache):
     def labels(self, layer_idx: int) -> Optional[Labels]:
         """The labels of layer `layer_idx`, or None where that layer keeps none."""
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
-        return layer.labels if isinstance(layer, LabelCacheLayer) else None
+        return getattr(layer, "labels", None)
 
     def memory(self) -> dict[str, int]:
         """Bytes held by keys, values and labels over all layers, and their total."""
         report = {"keys": 0, "values": 0, "labels": 0}
         for layer in self.layers:
-            if isinstance(layer, LabelCacheLayer):
+            if hasattr(layer, "memory"):
                 part = layer.memory()
             else:
                 part = {"keys": _nbytes(getattr(layer, "keys", None)), "values": _nbytes(getattr(layer, "values", None))}
@@ -116,6 +120,89 @@ class DoubleSparseCache(DynamicCache):
         return report
 
 
+class StaticLabelLayer(StaticLayer):
+    """A preallocated KV layer that also stores labels, all written in place."""
+
+    def __init__(self, max_cache_len: int, channels: torch.Tensor, label_bits: int, backend: str = "auto") -> None:
+        super().__init__(max_cache_len=max_cache_len)
+        self.channels = channels
+        self.label_bits = label_bits
+        self.backend = backend
+        self.labels: Optional[Labels] = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate keys, values and label buffers for `max_cache_len` tokens."""
+        super().lazy_initialization(key_states, value_states)
+        self.channels = self.channels.to(self.device)
+        # Shapes and dtypes of one token's labels, taken from the label op itself.
+        sample = make_labels(key_states[:, :, :1], self.channels, self.label_bits, self.backend)
+        self.labels = Labels(
+            *(
+                None if t is None else torch.zeros((*t.shape[:2], self.max_cache_len, *t.shape[3:]), dtype=t.dtype, device=self.device)
+                for t in sample
+            )
+        )
+        if not torch.compiler.is_compiling():
+            for buffer in self.labels:
+                if buffer is not None:
+                    torch._dynamo.mark_static_address(buffer)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Write keys, values and labels at the next positions; return the whole buffers."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        new = make_labels(key_states, self.channels, self.label_bits, self.backend)
+        for buffer, part in zip(self.labels, new):
+            if buffer is not None:
+                buffer.index_copy_(2, positions, part)
+        return keys, values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch for beam search, in place."""
+        if self.is_initialized:
+            for buffer in (self.keys, self.values, *self.labels):
+                if buffer is not None:
+                    buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
+
+    def reset(self) -> None:
+        """Zero keys, values and labels, keeping the buffers."""
+        super().reset()
+        if self.labels is not None:
+            for buffer in self.labels:
+                if buffer is not None:
+                    buffer.zero_()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held by the preallocated keys, values and labels."""
+        report = {"keys": _nbytes(self.keys), "values": _nbytes(self.values), "labels": 0}
+        if self.labels is not None:
+            report["labels"] = sum(_nbytes(t) for t in self.labels)
+        return report
+
+
+class StaticDoubleSparseCache(StaticCache):
+    """A StaticCache whose Double Sparsity layers keep preallocated labels (`max_cache_len` tokens)."""
+
+    def __init__(
+        self,
+        model_config: Any,
+        max_cache_len: int,
+        layer_channels: dict[int, torch.Tensor],
+        label_bits: int,
+        backend: str = "auto",
+    ):
+        super().__init__(config=model_config, max_cache_len=max_cache_len)
+        for index, channels in layer_channels.items():
+            if type(self.layers[index]) is not StaticLayer:
+                raise ValueError(f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers get labels")
+            self.layers[index] = StaticLabelLayer(max_cache_len, channels, label_bits, backend)
+
+    labels = DoubleSparseCache.labels
+    memory = DoubleSparseCache.memory
+
+
 def is_empty_cache(cache: Cache) -> bool:
     """Whether `cache` holds no tokens yet (so it can be swapped for a label cache)."""
-    return all(getattr(layer, "keys", None) is None or layer.keys.numel() == 0 for layer in cache.layers)
+    return all(int(layer.get_seq_length()) == 0 for layer in cache.layers if hasattr(layer, "get_seq_length"))

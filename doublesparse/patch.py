@@ -17,11 +17,11 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.masking_utils import sdpa_mask
 
 from .attention import ATTENTION_NAME, CACHE_KWARG, PLAN_ATTRIBUTE, LayerPlan, double_sparse_attention
-from .cache import DoubleSparseCache, is_empty_cache
+from .cache import DoubleSparseCache, StaticDoubleSparseCache, is_empty_cache
 from .channels import ChannelMask
 from .config import SparsityConfig
 from .layout import HeadLayout
@@ -171,11 +171,20 @@ def patch_state(model: torch.nn.Module) -> PatchState:
     return state
 
 
-def make_cache(model: torch.nn.Module) -> DoubleSparseCache:
-    """An empty label cache for a patched model."""
+def make_cache(model: torch.nn.Module, max_cache_len: Optional[int] = None) -> Union[DoubleSparseCache, StaticDoubleSparseCache]:
+    """An empty label cache for a patched model: dynamic, or preallocated for `max_cache_len` tokens.
+
+    The preallocated (static) cache makes a decode step allocation- and sync-free, for
+    `torch.compile` and CUDA graphs; `generate(..., cache_implementation="static")` gets one too.
+    """
     state = patch_state(model)
     layer_channels = {i: plan.channels for i, plan in state.plans.items() if not plan.dense}
-    return DoubleSparseCache(model.config, layer_channels, state.config.label_bits, state.config.backend)
+    bits, backend = state.config.label_bits, state.config.backend
+    if max_cache_len is None:
+        return DoubleSparseCache(model.config, layer_channels, bits, backend)
+    if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+        raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
+    return StaticDoubleSparseCache(model.config, max_cache_len, layer_channels, bits, backend)
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -187,7 +196,7 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module:
 def _label_cache_hook(model: torch.nn.Module):
     def swap_in_label_cache(module: torch.nn.Module, args: tuple, kwargs: dict):
         cache = kwargs.get("past_key_values")
-        if isinstance(cache, DoubleSparseCache):
+        if isinstance(cache, (DoubleSparseCache, StaticDoubleSparseCache)):
             return None
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -196,6 +205,9 @@ def _label_cache_hook(model: torch.nn.Module):
             return None
         if cache is None or (type(cache) is DynamicCache and is_empty_cache(cache)):
             kwargs["past_key_values"] = make_cache(model)
+            return args, kwargs
+        if type(cache) is StaticCache and is_empty_cache(cache):
+            kwargs["past_key_values"] = make_cache(model, cache.get_max_length())
             return args, kwargs
         if isinstance(cache, Cache):
             raise ValueError(
