@@ -25,7 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=256, help="calibration blocks (default: 256)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per block (default: 512)")
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the block sampling (default: 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the block sampling (default: 0); with SOURCE_DATE_EPOCH set, the recorded time is pinned "
+        "too and the same seed and data give a byte-identical file",
+    )
     parser.add_argument("--keep-rope-pairs", action="store_true", help="rank RoPE channel pairs, keeping both members together")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32; statistics are fp32 anyway)")
     parser.add_argument("--device-map", help='passed to from_pretrained, e.g. "auto" to split the model over devices')
