@@ -107,15 +107,16 @@ if triton is not None:
     @triton.jit
     def _decode_partial_kernel(
         q_ptr, k_ptr, v_ptr, index_ptr, keep_ptr,
-        part_out_ptr, part_max_ptr, part_sum_ptr,
+        part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
         num_slots, slots_per_split, num_rows, scaling,
         stride_qb, stride_qh, stride_ql, stride_qd,
+        stride_ob, stride_oh, stride_ol, stride_od,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_vb, stride_vh, stride_vt, stride_vd,
         stride_ib, stride_ih, stride_il, stride_ik,
         stride_eb, stride_eh, stride_el, stride_ek,
         HEADS_PER_PROGRAM: tl.constexpr, QUERY_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-        DENSE: tl.constexpr, HAS_KEEP: tl.constexpr,
+        DENSE: tl.constexpr, HAS_KEEP: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # One program: the query heads that share one selection (a whole KV group for selection="group"),
@@ -163,11 +164,16 @@ if triton is not None:
             running_sum = running_sum * rescale + tl.sum(probs, axis=1)
             acc = acc * rescale[:, None] + tl.dot(probs, values, input_precision="ieee")
             running_max = new_max
-        # Partials are contiguous [B, H_q, L, splits(, d)].
-        part = ((batch * (tl.num_programs(1) * HEADS_PER_PROGRAM) + heads) * num_rows + row) * num_splits + split
-        tl.store(part_max_ptr + part, running_max, mask=head_ok)
-        tl.store(part_sum_ptr + part, running_sum, mask=head_ok)
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None] & dim_ok[None, :])
+        if SINGLE_SPLIT:  # one split: normalise here and skip the merge launch
+            merged = tl.where(running_sum[:, None] > 0, acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None], 0.0)
+            out = out_ptr + batch * stride_ob + heads[:, None] * stride_oh + row * stride_ol + dims[None, :] * stride_od
+            tl.store(out, merged.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & dim_ok[None, :])
+        else:
+            # Partials are contiguous [B, H_q, L, splits(, d)].
+            part = ((batch * (tl.num_programs(1) * HEADS_PER_PROGRAM) + heads) * num_rows + row) * num_splits + split
+            tl.store(part_max_ptr + part, running_max, mask=head_ok)
+            tl.store(part_sum_ptr + part, running_sum, mask=head_ok)
+            tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None] & dim_ok[None, :])
 
     @triton.jit
     def _decode_merge_kernel(
@@ -268,18 +274,23 @@ def flash_decode_triton(
     slots_per_split = max(1, triton.cdiv(num_slots, splits))
     splits = max(1, triton.cdiv(num_slots, slots_per_split))
     part_shape = (batch, num_q_heads, rows, splits)
-    part_max = torch.empty(part_shape, dtype=torch.float32, device=query.device)
-    part_sum = torch.empty(part_shape, dtype=torch.float32, device=query.device)
-    part_out = torch.empty(*part_shape, head_dim, dtype=torch.float32, device=query.device)
+    if splits == 1:  # the kernel writes `out` directly; the partial buffers are never touched
+        part_max = part_sum = part_out = out
+    else:
+        part_max = torch.empty(part_shape, dtype=torch.float32, device=query.device)
+        part_sum = torch.empty(part_shape, dtype=torch.float32, device=query.device)
+        part_out = torch.empty(*part_shape, head_dim, dtype=torch.float32, device=query.device)
     _decode_partial_kernel[(splits, units, batch * rows)](
         query, keys, values, index_arg, keep_arg,
-        part_out, part_max, part_sum,
+        part_out, part_max, part_sum, out,
         num_slots, slots_per_split, rows, float(scaling),
-        *query.stride(), *keys.stride(), *values.stride(), *index_strides, *keep_strides,
+        *query.stride(), *out.stride(), *keys.stride(), *values.stride(), *index_strides, *keep_strides,
         HEADS_PER_PROGRAM=heads_per_program, QUERY_PER_KV=query_per_kv, HEAD_DIM=head_dim,
-        DENSE=indices is None, HAS_KEEP=keep is not None,
+        DENSE=indices is None, HAS_KEEP=keep is not None, SINGLE_SPLIT=splits == 1,
         BLOCK_H=max(16, triton.next_power_of_2(heads_per_program)), BLOCK_K=block_slots, BLOCK_D=block_d,
     )
+    if splits == 1:
+        return out
     _decode_merge_kernel[(batch * num_q_heads * rows,)](
         part_out, part_max, part_sum, out,
         splits, num_q_heads, rows, *out.stride(),
