@@ -44,20 +44,19 @@ class ChannelStatistics:
         valid = self._valid_rows(batch, rows, query.device)
         group = num_heads // num_kv
 
-        q_abs = query.abs()
-        k_abs = key.abs()
-        qk_abs = (query.view(batch, num_kv, group, rows, head_dim) * key[:, :, None]).abs().view_as(query)
         if valid is not None:
+            # Zeroed padding rows add nothing to any of the three sums (q·k included).
             keep = valid[:, None, :, None]
-            q_abs = q_abs.masked_fill(~keep, 0.0)
-            k_abs = k_abs.masked_fill(~keep, 0.0)
-            qk_abs = qk_abs.masked_fill(~keep, 0.0)
+            query = query.masked_fill(~keep, 0.0)
+            key = key.masked_fill(~keep, 0.0)
             tokens = int(valid.sum())
         else:
             tokens = batch * rows
-        self._accumulate(self._q_sums, layer, q_abs.sum(dim=(0, 2)))
-        self._accumulate(self._k_sums, layer, k_abs.sum(dim=(0, 2)))
-        self._accumulate(self._qk_sums, layer, qk_abs.sum(dim=(0, 2)))
+        # An L1 norm over batch and tokens is the sum of |x| without materialising |x|.
+        products = query.view(batch, num_kv, group, rows, head_dim) * key[:, :, None]
+        self._accumulate(self._q_sums, layer, torch.linalg.vector_norm(query, 1, dim=(0, 2)))
+        self._accumulate(self._k_sums, layer, torch.linalg.vector_norm(key, 1, dim=(0, 2)))
+        self._accumulate(self._qk_sums, layer, torch.linalg.vector_norm(products, 1, dim=(0, 3)).view(num_heads, head_dim))
         self._tokens[layer] = self._tokens.get(layer, 0) + tokens
 
     @property
