@@ -301,3 +301,15 @@ def test_package_exports():
     assert imported is calibration.calibrate
     with pytest.raises(AttributeError):
         calibration.no_such_thing
+
+
+def test_top_level_lazy_attribute():
+    import doublesparse
+    import doublesparse.calibration
+
+    assert doublesparse.calibrate is doublesparse.calibration.calibrate
+
+
+def test_progress_bar_on_stderr(capsys):
+    calibrate_blocks(tiny_model("llama"), random_blocks(2, 16), batch_size=1)
+    assert "calibrating" in capsys.readouterr().err
