@@ -127,6 +127,6 @@ def _bundled_model() -> str:
     import doublesparse
 
     folder = Path(doublesparse.__file__).parent / "assets" / "default_model"
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise ValueError("no --model given and no bundled model is installed: pass --model PATH_OR_ID")
     return str(folder)

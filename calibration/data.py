@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 POOL_FACTOR = 4
-PIECE_CHARS = 1 << 16
-TOKENIZE_BATCH = 256
+PIECE_CHARS = 1 << 14
+TOKENIZE_BATCH = 16
 
 
 def default_data_path() -> Optional[Path]:
@@ -71,10 +71,13 @@ def pack_blocks(
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(documents), generator=generator).tolist()
     stream: list[int] = []
-    for ids in _tokenized(tokenizer, (documents[i] for i in order)):
+    for index in order:
         if stream and eos is not None:
             stream.append(eos)
-        stream.extend(ids)
+        for ids in _tokenized_pieces(tokenizer, documents[index]):
+            stream.extend(ids)
+            if max_tokens is not None and len(stream) >= max_tokens:
+                break
         if max_tokens is not None and len(stream) >= max_tokens:
             break
     num_blocks = len(stream) // body
@@ -112,15 +115,14 @@ def calibration_blocks(tokenizer: Any, documents: Sequence[str], *, num_samples:
     return sample_blocks(blocks, num_samples, seed=seed)
 
 
-def _tokenized(tokenizer: Any, documents: Iterator[str]) -> Iterator[list[int]]:
-    # Long documents are tokenized in pieces cut at line ends, several pieces per tokenizer call.
-    for document in documents:
-        pieces = _pieces(document)
+def _tokenized_pieces(tokenizer: Any, document: str) -> Iterator[list[int]]:
+    # A long document is tokenized in pieces cut at line ends, several pieces per tokenizer call, so
+    # that a pool cap stops a huge file early.
+    pieces = _pieces(document)
+    for start in range(0, len(pieces), TOKENIZE_BATCH):
         ids: list[int] = []
-        for start in range(0, len(pieces), TOKENIZE_BATCH):
-            encoded = tokenizer(pieces[start : start + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]
-            for piece_ids in encoded:
-                ids.extend(piece_ids)
+        for piece_ids in tokenizer(pieces[start : start + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]:
+            ids.extend(piece_ids)
         yield ids
 
 
