@@ -26,6 +26,18 @@ def _per_query_head(tensor: torch.Tensor, num_q_heads: int) -> torch.Tensor:
     return tensor.repeat_interleave(num_q_heads // tensor.shape[1], dim=1)
 
 
+def take_rows(cache: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows `indices` [B, H, N] of each head of `cache` [B, H, T, d] -> [B, H, N, d]."""
+    batch, heads, length, head_dim = cache.shape
+    if cache.is_contiguous():
+        # One index_select over the flattened cache: several times faster on CPU than gather with an
+        # index expanded over d, and it reads only the selected rows.
+        first_row = torch.arange(batch * heads, device=cache.device).view(batch, heads, 1) * length
+        rows = (indices + first_row).reshape(-1)
+        return cache.view(-1, head_dim).index_select(0, rows).view(batch, heads, -1, head_dim)
+    return torch.gather(cache, 2, indices[..., None].expand(-1, -1, -1, head_dim))
+
+
 def sparse_attention_reference(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -48,9 +60,9 @@ def sparse_attention_reference(
     # selection): only the selected rows are gathered, once per selection head, and never repeated.
     per_kv = num_select_heads // num_kv_heads
     per_select = num_q_heads // num_select_heads
-    index = indices.reshape(batch, num_kv_heads, per_kv * rows * slots, 1).expand(-1, -1, -1, head_dim)
-    picked_keys = torch.gather(keys, 2, index).float().view(batch, num_kv_heads, per_kv, rows, slots, head_dim)
-    picked_values = torch.gather(values, 2, index).float().view(batch, num_kv_heads, per_kv, rows, slots, head_dim)
+    index = indices.reshape(batch, num_kv_heads, per_kv * rows * slots)
+    picked_keys = take_rows(keys, index).float().view(batch, num_kv_heads, per_kv, rows, slots, head_dim)
+    picked_values = take_rows(values, index).float().view(batch, num_kv_heads, per_kv, rows, slots, head_dim)
     queries = query.float().view(batch, num_kv_heads, per_kv, per_select, rows, head_dim).transpose(3, 4)
     logits = torch.matmul(queries, picked_keys.transpose(-1, -2)) * scaling  # [B, H_kv, S, L, G, K]
     keep = slot_valid.expand(batch, -1, rows, slots)
