@@ -11,6 +11,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def output_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of an attention output rounded to `dtype` (fp32 accumulation in both paths)."""
+    return {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+
+
 def random_channels(num_heads: int, head_dim: int, num_channels: int, generator: torch.Generator) -> torch.Tensor:
     """Distinct random channels [num_heads, r] per head."""
     return torch.stack([torch.randperm(head_dim, generator=generator)[:num_channels] for _ in range(num_heads)]).to(DEVICE)

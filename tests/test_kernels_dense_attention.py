@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from doublesparse.kernels.dense_attention import dense_attention_reference, dense_attention_triton
-from kernel_cases import DEVICE, DTYPES, assert_close, randn
+from kernel_cases import DEVICE, DTYPES, assert_close, cuda_only, output_tolerance, randn
 
 CASES = [
     # batch, query heads, kv heads, rows, head_dim, tokens, splits
@@ -33,7 +33,7 @@ def test_dense_attention_matches_reference(case, dtype, ragged):
     expected = dense_attention_reference(query, keys, values, 0.1, valid)
     out = torch.full_like(query, float("nan"))
     actual = dense_attention_triton(query, keys, values, 0.1, valid, out=out, num_splits=splits)
-    assert_close(actual, expected, 1e-3 if dtype == torch.float16 else 1e-5)
+    assert_close(actual, expected, output_tolerance(dtype))
     if ragged:
         assert (actual[-1] == 0).all()
 
@@ -45,3 +45,14 @@ def test_dense_reference_matches_sdpa():
     values = randn(2, 2, 50, 64, dtype=torch.float32, generator=generator)
     expected = F.scaled_dot_product_attention(query, keys.repeat_interleave(4, 1), values.repeat_interleave(4, 1), scale=0.1)
     torch.testing.assert_close(dense_attention_reference(query, keys, values, 0.1), expected, atol=1e-5, rtol=1e-5)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_attention_at_model_shape_on_gpu(dtype):
+    generator = torch.Generator().manual_seed(3)
+    query = randn(2, 32, 1, 128, dtype=dtype, generator=generator)
+    keys = randn(2, 8, 32768 + 5, 128, dtype=dtype, generator=generator)
+    values = randn(2, 8, 32768 + 5, 128, dtype=dtype, generator=generator)
+    expected = dense_attention_reference(query, keys, values, 128**-0.5)
+    assert_close(dense_attention_triton(query, keys, values, 128**-0.5), expected, output_tolerance(dtype))
