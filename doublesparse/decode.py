@@ -36,6 +36,7 @@ class StaticDecoder:
         self.model = model
         self.max_cache_len = max_cache_len
         self._step: Callable = self._decode_step
+        self._cache_position: Optional[torch.Tensor] = None
         if compile:
             self._step = torch.compile(self._decode_step, mode=compile_mode, dynamic=False)
 
@@ -89,9 +90,15 @@ class StaticDecoder:
             )
         cache = self.new_cache()
         logits, mask = self.prefill(input_ids, attention_mask, cache)
-        next_position = mask.long().sum(-1, keepdim=True)
+        return self.decode(cache, mask, logits, prompt_len, max_new_tokens, keep_logits)
+
+    @torch.no_grad()
+    def decode(
+        self, cache, mask: torch.Tensor, logits: torch.Tensor, filled: int, max_new_tokens: int, keep_logits: bool = False
+    ) -> DecodeResult:
+        """Greedy steps from a cache holding `filled` positions, `mask` [B, max_cache_len] marking the real ones."""
+        positions = mask[:, :filled].long().sum(-1, keepdim=True)
         tokens, kept = [], []
-        cache_position = torch.tensor([prompt_len], device=input_ids.device)
         for step in range(max_new_tokens):
             token = logits.argmax(-1, keepdim=True)
             tokens.append(token)
@@ -99,7 +106,16 @@ class StaticDecoder:
                 kept.append(logits.clone())
             if step == max_new_tokens - 1:
                 break
-            mask[:, prompt_len + step] = 1
-            cache_position.fill_(prompt_len + step)
-            logits = self._step(token, mask, cache_position, next_position + step, cache)
+            logits = self.step(cache, mask, token, filled + step, positions + step)
         return DecodeResult(torch.cat(tokens, dim=1), torch.stack(kept, dim=1) if keep_logits else None)
+
+    @torch.no_grad()
+    def step(self, cache, mask: torch.Tensor, token: torch.Tensor, position: int, position_ids: torch.Tensor) -> torch.Tensor:
+        """One decode step writing cache position `position`; returns logits [B, V]."""
+        if position >= self.max_cache_len:
+            raise ValueError(f"cache position {position} is past max_cache_len ({self.max_cache_len})")
+        mask[:, position] = 1
+        if self._cache_position is None or self._cache_position.device != mask.device:
+            self._cache_position = torch.zeros(1, dtype=torch.long, device=mask.device)
+        self._cache_position.fill_(position)
+        return self._step(token, mask, self._cache_position, position_ids, cache)

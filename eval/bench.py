@@ -14,6 +14,7 @@ HELP = "speed benchmarks (kernels, calibration, ...): time, bytes moved, bandwid
 BENCHMARKS = {
     "kernels": "doublesparse.eval.bench_kernels",
     "calibration": "doublesparse.eval.bench_calibration",
+    "decode": "doublesparse.eval.bench_decode",
 }
 
 
