@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from doublesparse.decode import StaticDecoder
 
     from .bench_kernels import parse_contexts
-    from .provenance import provenance
+    from doublesparse.provenance import provenance
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
