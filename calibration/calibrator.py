@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
-import time
 from typing import Any, Optional, Sequence
 
 import torch
