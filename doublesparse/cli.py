@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 SUBCOMMANDS = {
     "run": "doublesparse.eval.main_job",
+    "eval": "doublesparse.eval.command",
     "bench": "doublesparse.eval.bench",
     "calibrate": "doublesparse.calibration.command",
     "inspect": "doublesparse.calibration.inspect_command",
