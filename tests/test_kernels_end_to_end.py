@@ -16,10 +16,10 @@ def greedy(model, input_ids, attention_mask, steps):
 
 
 @pytest.mark.parametrize(
-    "selection, label_bits, per_kv_head",
-    [("group", 4, False), ("head", 8, True)],
+    "selection, label_bits, per_kv_head, steps",
+    [("group", 4, False, 3), ("head", 8, True, 2)],
 )
-def test_triton_backend_decodes_like_torch_backend(selection, label_bits, per_kv_head):
+def test_triton_backend_decodes_like_torch_backend(selection, label_bits, per_kv_head, steps):
     model = tiny_model("llama", num_heads=8, num_kv_heads=2).to(DEVICE)
     mask = random_channel_mask(model, seed=5, per_kv_head=per_kv_head)
     input_ids, attention_mask = left_padded_batch([21, 14], seed=2)
@@ -31,7 +31,7 @@ def test_triton_backend_decodes_like_torch_backend(selection, label_bits, per_kv
             selection=selection, backend=backend,
         )
         with torch.no_grad(), ds.patched(model, mask, config):
-            runs[backend] = greedy(model, input_ids, attention_mask, steps=3)
+            runs[backend] = greedy(model, input_ids, attention_mask, steps=steps)
     assert torch.equal(runs["triton"].sequences, runs["torch"].sequences)
     for triton_logits, torch_logits in zip(runs["triton"].logits, runs["torch"].logits):
         torch.testing.assert_close(triton_logits, torch_logits, atol=1e-4, rtol=1e-4)
