@@ -98,7 +98,7 @@ if triton is not None:
         stride_cb, stride_ch, stride_ct, stride_cc,
         stride_sb, stride_sh, stride_st,
         stride_ob, stride_oh, stride_ol, stride_ot,
-        NUM_CHANNELS: tl.constexpr, BITS: tl.constexpr,
+        CODE_WIDTH: tl.constexpr, BITS: tl.constexpr,
         QUERY_PER_LABEL: tl.constexpr, LABELS_PER_PROGRAM: tl.constexpr,
         SELECTS_PER_LABEL: tl.constexpr, HEADS_PER_SELECT_IN_LABEL: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -114,7 +114,6 @@ if triton is not None:
         tokens = block_t * BLOCK_T + tl.arange(0, BLOCK_T)
         token_ok = tokens < num_tokens
         lanes = tl.arange(0, BLOCK_C)
-        CODE_WIDTH: tl.constexpr = NUM_CHANNELS // 2 if BITS == 4 else NUM_CHANNELS
         lane_ok = lanes < CODE_WIDTH
         best = tl.full((BLOCK_L, BLOCK_T), -float("inf"), tl.float32)
         for lab in tl.static_range(LABELS_PER_PROGRAM):
@@ -206,7 +205,7 @@ def label_scores_triton(
         q_labels, codes, scale, offset, scores,
         num_tokens, rows, num_row_blocks, float(scaling),
         *q_labels.stride(), *codes.stride(), *stats_strides, *scores.stride(),
-        NUM_CHANNELS=num_channels, BITS=bits,
+        CODE_WIDTH=expected_width, BITS=bits,
         QUERY_PER_LABEL=per_label, LABELS_PER_PROGRAM=labels_per_program,
         SELECTS_PER_LABEL=max(1, per_label // per_select), HEADS_PER_SELECT_IN_LABEL=min(per_select, per_label),
         BLOCK_L=block_l, BLOCK_T=block_tokens, BLOCK_C=block_c,
