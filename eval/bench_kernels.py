@@ -419,9 +419,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     bits_list = report["settings"]["label_bits"]
     figure, axes = plt.subplots(1, len(bits_list), figsize=(5 * len(bits_list), 4), squeeze=False, sharey=True)
     for axis, bits in zip(axes[0], bits_list):
-        for method, style in (("sdpa", "k--"), ("dense", "k-")):
+        dense_label = f"dense, ours ({report['settings']['backend']})"
+        for method, style, label in (("sdpa", "k--", "dense, torch SDPA"), ("dense", "k-", dense_label)):
             points = [(r["context"], r["median_ms"]) for r in rows if r["method"] == method]
-            axis.plot(*zip(*points), style, marker="o", label=f"dense ({method})")
+            axis.plot(*zip(*points), style, marker="o", label=label)
         for budget in report["settings"]["budgets"]:
             points = [(r["context"], r["median_ms"]) for r in rows if r["method"] == "double_sparsity" and r["budget"] == budget and r["label_bits"] == bits]
             if points:

@@ -7,6 +7,7 @@ is how they are tested without a GPU.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -37,6 +38,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton" and not triton_available():
         raise ValueError("backend='triton' needs triton installed; use backend='torch' or 'auto'")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' on {device.type} tensors runs only under the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before importing doublesparse, or use backend='torch' or 'auto'"
+        )
     return backend
 
 

@@ -28,3 +28,12 @@ def test_selection_keeps_forced_tokens_and_skips_padding(backend):
             assert len(chosen) == int(budgets[b, 0])
             assert {length - 1, length - 2, length - 3, first, first + 1} <= chosen
             assert all(valid[b, 0, t] for t in chosen)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    from doublesparse.kernels.dispatch import resolve_backend
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        resolve_backend("triton", torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
