@@ -102,6 +102,10 @@ def double_sparse_attention(
     dense_call = lambda: dense_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if plan is None or plan.dense or module.training or kwargs.get("sliding_window"):
         return dense_call()
+    if plan.config.offload:  # Double Sparsity-Offload: K/V in host memory (doublesparse/offload.py)
+        from .offload import offload_attention  # offload imports this module
+
+        return offload_attention(module, query, attention_mask, cache, plan, scaling, dense_call)
     batch, _, rows, head_dim = query.shape
     length = key.shape[2]
     config = plan.config

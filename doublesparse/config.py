@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 LABEL_BITS = (16, 8, 4)
 SELECTIONS = ("group", "head")
@@ -37,6 +37,17 @@ class SparsityConfig:
     backend:       "auto" (Triton on CUDA tensors, torch elsewhere), "torch" or "triton".
     simulate:      teacher-forced evaluation: every query row of a prefill selects its own top-k
                    among its past, equal row by row to decoding token by token.
+
+    Offloading (Double Sparsity-Offload, see doublesparse/offload.py):
+    offload:       full K/V of the sparse layers in host memory; labels and a window of the recent and
+                   current tokens on the device; only selected rows are copied in.
+    prefetch:      (needs offload) layer i predicts layer i+1's query and copies its rows ahead.
+    sync_layers:   layers that select with their own query and copy synchronously; None = layer 0
+                   plus the layers whose recall falls below `prefetch_min_recall` in the warm-up.
+    prefetch_min_recall:   recall threshold of the automatic choice of sync layers, in [0, 1].
+    prefetch_warmup_steps: decode steps of every cache that measure the recall of every layer
+                   (they select synchronously) before the sync layers are chosen.
+    host_memory_limit:     bytes of host memory the offloaded K/V may take; None = the RAM free now.
     """
 
     num_channels: int = 16
@@ -49,10 +60,18 @@ class SparsityConfig:
     selection: str = "group"
     backend: str = "auto"
     simulate: bool = False
+    offload: bool = False
+    prefetch: bool = False
+    sync_layers: Optional[tuple[int, ...]] = None
+    prefetch_min_recall: float = 0.5
+    prefetch_warmup_steps: int = 4
+    host_memory_limit: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dense_layers, (list, set, range)):
             object.__setattr__(self, "dense_layers", tuple(sorted(self.dense_layers)))
+        if isinstance(self.sync_layers, (list, set, range)):
+            object.__setattr__(self, "sync_layers", tuple(sorted(self.sync_layers)))
         self._validate()
 
     def _validate(self) -> None:
@@ -90,6 +109,30 @@ class SparsityConfig:
             _fail("backend", self.backend, f"allowed values are {BACKENDS}")
         if not isinstance(self.simulate, bool):
             _fail("simulate", self.simulate, "True or False")
+        self._validate_offload()
+
+    def _validate_offload(self) -> None:
+        for name in ("offload", "prefetch"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
+        if self.prefetch and not self.offload:
+            _fail("prefetch", self.prefetch, "prefetching copies offloaded K/V: set offload=True too")
+        if self.offload and self.simulate:
+            _fail("offload", self.offload, "simulate evaluates prefills teacher-forced on the device: use one or the other")
+        if self.sync_layers is not None and (
+            not isinstance(self.sync_layers, tuple)
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.sync_layers)
+        ):
+            _fail("sync_layers", self.sync_layers, "None (chosen from measured recall) or a sequence of layer indices")
+        recall = self.prefetch_min_recall
+        if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0.0 <= recall <= 1.0:
+            _fail("prefetch_min_recall", recall, "a recall threshold in [0, 1]")
+        steps = self.prefetch_warmup_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            _fail("prefetch_warmup_steps", steps, "a non-negative int")
+        limit = self.host_memory_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            _fail("host_memory_limit", limit, "None (the free RAM) or a positive byte count")
 
     def check_model(self, num_layers: int, head_dim: int) -> None:
         """Raise ValueError where a knob does not fit a model of this shape."""
@@ -98,6 +141,9 @@ class SparsityConfig:
         bad = [i for i in self.dense_layers if i >= num_layers]
         if bad:
             _fail("dense_layers", self.dense_layers, f"indices {bad} are out of range for {num_layers} layers")
+        bad = [i for i in self.sync_layers or () if i >= num_layers]
+        if bad:
+            _fail("sync_layers", self.sync_layers, f"indices {bad} are out of range for {num_layers} layers")
 
     def budget_for(self, length: int) -> int:
         """Tokens attended by one query row whose past (itself included) holds `length` tokens."""
@@ -119,6 +165,8 @@ class SparsityConfig:
         """Plain JSON-serialisable form (for result files and metadata)."""
         data = dataclasses.asdict(self)
         data["dense_layers"] = list(self.dense_layers)
+        if self.sync_layers is not None:
+            data["sync_layers"] = list(self.sync_layers)
         return data
 
     @classmethod
@@ -131,4 +179,6 @@ class SparsityConfig:
         values = dict(data)
         if "dense_layers" in values:
             values["dense_layers"] = tuple(values["dense_layers"])
+        if values.get("sync_layers") is not None:
+            values["sync_layers"] = tuple(values["sync_layers"])
         return cls(**values)

@@ -20,6 +20,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.masking_utils import sdpa_mask
 
+from . import offload
 from .attention import ATTENTION_NAME, CACHE_KWARG, PLAN_ATTRIBUTE, LayerPlan, double_sparse_attention
 from .cache import DoubleSparseCache, StaticDoubleSparseCache, is_empty_cache
 from .channels import ChannelMask
@@ -117,6 +118,7 @@ def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[Spars
     config.check_model(layout.num_layers, layout.head_dim)
     modules = attention_modules(model, layout)
     plans = layer_plans(mask, config, layout)
+    predictors = offload.query_predictors(model, modules) if config.prefetch else None  # validates before patching
     if layout.sliding_layers:
         logger.warning("doublesparse: sliding-window layers %s stay dense", list(layout.sliding_layers))
 
@@ -128,6 +130,8 @@ def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[Spars
             setattr(module, PLAN_ATTRIBUTE, plans[module.layer_idx])
             state.modules.append(module)
             state.hooks.append(module.register_forward_pre_hook(_hand_cache_to_attention, with_kwargs=True))
+        if predictors is not None:
+            state.hooks.extend(offload.install_prefetch_hooks(predictors, plans))
         decoder = _decoder(model)
         state.hooks.append(decoder.register_forward_pre_hook(_label_cache_hook(model), with_kwargs=True))
         model.set_attn_implementation(ATTENTION_NAME)
@@ -180,6 +184,10 @@ def make_cache(model: torch.nn.Module, max_cache_len: Optional[int] = None) -> U
     state = patch_state(model)
     layer_channels = {i: plan.channels for i, plan in state.plans.items() if not plan.dense}
     bits, backend = state.config.label_bits, state.config.backend
+    if state.config.offload:  # Double Sparsity-Offload (doublesparse/offload.py); validates max_cache_len
+        from .offload import make_offload_cache
+
+        return make_offload_cache(model, max_cache_len)
     if max_cache_len is None:
         return DoubleSparseCache(model.config, layer_channels, bits, backend)
     if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
