@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 
-HELP = "speed benchmarks (kernels, calibration, ...): time, bytes moved, bandwidth; JSON and plot"
+HELP = "speed benchmarks (kernels, calibration, decode, offload): time, bytes moved, bandwidth; JSON and plot"
 
 BENCHMARKS = {
     "kernels": "doublesparse.eval.bench_kernels",
     "calibration": "doublesparse.eval.bench_calibration",
     "decode": "doublesparse.eval.bench_decode",
+    "offload": "doublesparse.eval.bench_offload",
 }
 
 
