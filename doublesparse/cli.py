@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "bench": "doublesparse.eval.bench",
     "calibrate": "doublesparse.calibration.command",
     "inspect": "doublesparse.calibration.inspect_command",
+    "recall": "doublesparse.eval.recall_command",
 }
 
 
