@@ -101,10 +101,29 @@ class HostMemoryBudget:
         self.reserved = wanted
 
 
-def host_kv_bytes(num_layers: int, batch: int, num_kv_heads: int, head_dim: int, tokens: int, dtype: torch.dtype) -> int:
+def pinned_host_stores() -> bool:
+    """Whether host stores are pinned: they are wherever CUDA is present, so copies can be asynchronous."""
+    return torch.cuda.is_available()
+
+
+def host_store_bytes(tokens: int, row_bytes: int, pinned: Optional[bool] = None) -> int:
+    """Host bytes one K or V store of `tokens` rows takes (pinned: as `pinned_host_stores()` says).
+
+    torch's caching pinned-memory allocator rounds every allocation up to a power of two, so a pinned
+    store can take up to twice its size: budgets and reports count what is really taken.
+    """
+    size = tokens * row_bytes
+    if (pinned_host_stores() if pinned is None else pinned) and size > 0:
+        return 1 << (size - 1).bit_length()
+    return size
+
+
+def host_kv_bytes(
+    num_layers: int, batch: int, num_kv_heads: int, head_dim: int, tokens: int, dtype: torch.dtype, pinned: Optional[bool] = None
+) -> int:
     """Host bytes of the offloaded K and V of `num_layers` layers holding `tokens` tokens."""
     element = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * batch * num_kv_heads * head_dim * tokens * element
+    return 2 * num_layers * host_store_bytes(tokens, batch * num_kv_heads * head_dim * element, pinned)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,8 +181,10 @@ class TokenBuffer:
         self.length = data.shape[self.dim]
 
     def nbytes(self) -> int:
-        """Bytes allocated."""
-        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+        """Bytes allocated (a pinned allocation counted as the allocator rounds it)."""
+        if self.data is None:
+            return 0
+        return host_store_bytes(1, self.data.numel() * self.data.element_size(), self.data.is_pinned())
 
 
 def gather_rows(store: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, backend: str) -> torch.Tensor:
@@ -365,8 +386,8 @@ class OffloadLayer(CacheLayerMixin):
         if limit is not None and needed > limit:
             raise ValueError(f"the offload cache was made for max_cache_len={limit} tokens; {needed} do not fit: make it larger")
         capacity = limit if limit is not None else max(needed, 2 * self.host_keys.capacity, 256)
-        row_bytes = 2 * like[0].numel() * like.element_size()
-        self.owner.host_budget.reserve({self.layer_idx: capacity * row_bytes}, f"layer {self.layer_idx} at {capacity} tokens")
+        store_bytes = host_store_bytes(capacity, like[0].numel() * like.element_size())
+        self.owner.host_budget.reserve({self.layer_idx: 2 * store_bytes}, f"layer {self.layer_idx} at {capacity} tokens")
         host = torch.device("cpu")
         self.host_keys.reserve(capacity, like, host)
         self.host_values.reserve(capacity, like, host)
@@ -477,10 +498,10 @@ class OffloadCache(DoubleSparseCache):
         if self.max_cache_len is None:
             return
         batch, heads, _, head_dim = key_states.shape
-        row_bytes = 2 * batch * heads * head_dim * key_states.element_size()
+        per_layer = host_kv_bytes(1, batch, heads, head_dim, self.max_cache_len, key_states.dtype)
         layers = self.offload_layers()
         self.host_budget.reserve(
-            {layer.layer_idx: self.max_cache_len * row_bytes for layer in layers},
+            {layer.layer_idx: per_layer for layer in layers},
             f"{len(layers)} layers x batch {batch} x {self.max_cache_len} tokens",
         )
 

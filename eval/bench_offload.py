@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
             progress.set_postfix_str(f"{method} {context} x{batch}")
             row = {"context": context, "batch": batch, "method": method}
             if method == "dense":
-                fits, verdict = dense_fits(host_kv_bytes(layout.num_layers, batch, layout.num_kv_heads, layout.head_dim, context, dtype), device)
+                fits, verdict = dense_fits(host_kv_bytes(layout.num_layers, batch, layout.num_kv_heads, layout.head_dim, context, dtype, pinned=False), device)
                 row["fit_check"] = verdict
                 if not fits:
                     rows.append({**row, "skipped": f"does not fit in device memory: {verdict}"})

@@ -31,7 +31,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 
 from doublesparse.layout import HeadLayout
-from doublesparse.offload import HostMemoryBudget, TokenBuffer, host_kv_bytes
+from doublesparse.offload import HostMemoryBudget, TokenBuffer, host_kv_bytes, host_store_bytes
 
 
 class FullOffloadLayer(CacheLayerMixin):
@@ -139,8 +139,8 @@ class FullOffloadLayer(CacheLayerMixin):
         if needed > self.host_keys.capacity:
             limit = self.owner.max_cache_len
             capacity = limit if limit is not None else max(needed, 2 * self.host_keys.capacity, 256)
-            row_bytes = 2 * keys[0].numel() * keys.element_size()
-            self.owner.host_budget.reserve({self.layer_idx: capacity * row_bytes}, f"layer {self.layer_idx} at {capacity} tokens")
+            store_bytes = host_store_bytes(capacity, keys[0].numel() * keys.element_size())
+            self.owner.host_budget.reserve({self.layer_idx: 2 * store_bytes}, f"layer {self.layer_idx} at {capacity} tokens")
             host = torch.device("cpu")
             self.host_keys.reserve(capacity, keys, host)
             self.host_values.reserve(capacity, values, host)

@@ -204,6 +204,20 @@ def test_a_context_host_memory_cannot_hold_fails_before_decoding():
         assert small.offload_layers()[0].host_keys.capacity == 64
 
 
+def test_pinned_stores_are_budgeted_as_the_pinned_allocator_rounds_them(monkeypatch):
+    # torch's caching pinned allocator rounds sizes up to a power of two: a 100-token store of 48-byte
+    # rows (4800 bytes) really takes 8192, and the host check must refuse what would not fit so.
+    monkeypatch.setattr(offload, "pinned_host_stores", lambda: True)
+    assert offload.host_store_bytes(100, 48) == 8192
+    assert offload.host_store_bytes(100, 48, pinned=False) == 4800
+    assert offload.host_kv_bytes(3, 1, 3, 4, 100, torch.float32) == 2 * 3 * 8192
+    budget = offload.HostMemoryBudget(limit=2 * 3 * 8192 - 1)
+    with pytest.raises(ValueError, match="host_memory_limit"):
+        budget.reserve({i: offload.host_kv_bytes(1, 1, 3, 4, 100, torch.float32) for i in range(3)}, "three layers")
+    monkeypatch.setattr(offload, "pinned_host_stores", lambda: False)
+    assert offload.host_kv_bytes(3, 1, 3, 4, 100, torch.float32) == 2 * 3 * 4800
+
+
 def test_offload_config_is_validated():
     for bad in (dict(prefetch=True), dict(offload=True, simulate=True), dict(offload=True, sync_layers=(-1,)),
                 dict(prefetch_min_recall=1.5), dict(prefetch_warmup_steps=-1), dict(host_memory_limit=0)):
