@@ -135,14 +135,16 @@ def double_sparse_attention(
     labels = _cached_labels(cache, plan.layer_idx, length)
     if labels is None:
         labels = make_labels(key, channels, config.label_bits, config.backend)
+    # A preallocated cache sees the same shapes every step: its temporaries are reused (scratch.py).
+    scratch = getattr(cache, "scratch", None) if filled is not None else None
     scores = label_scores(
-        gather_query_channels(query, channels), labels, config.label_bits, scaling, plan.num_select_heads, config.backend
+        gather_query_channels(query, channels), labels, config.label_bits, scaling, plan.num_select_heads, config.backend, scratch
     )
     indices, slot_valid = select_tokens(
-        scores, valid, budgets, config.sink_tokens, config.recent_tokens, max_budget, config.backend
+        scores, valid, budgets, config.sink_tokens, config.recent_tokens, max_budget, config.backend, scratch
     )
     if rows == 1:
-        out = sparse_attention(query, key, value, indices, slot_valid, scaling, config.backend)
+        out = sparse_attention(query, key, value, indices, slot_valid, scaling, config.backend, scratch)
     else:
         out = masked_attention_reference(query, key, value, selection_mask(indices, slot_valid, length), scaling)
     return out.transpose(1, 2).contiguous(), None

@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCa
 
 from .kernels.dispatch import make_labels
 from .kernels.label_append import Labels
+from .kernels.scratch import Scratch
 
 
 class LabelCacheLayer(DynamicLayer):
@@ -194,6 +195,8 @@ class StaticDoubleSparseCache(StaticCache):
         backend: str = "auto",
     ):
         super().__init__(config=model_config, max_cache_len=max_cache_len)
+        # Temporaries of the torch decode path, shared by the layers (they run one after another).
+        self.scratch = Scratch()
         for index, channels in layer_channels.items():
             if type(self.layers[index]) is not StaticLayer:
                 raise ValueError(f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers get labels")

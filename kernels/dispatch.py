@@ -15,6 +15,7 @@ import torch
 from .dense_attention import dense_attention_reference, dense_attention_triton
 from .label_append import Labels, make_labels_reference, make_labels_triton
 from .label_scores import label_scores_reference, label_scores_triton
+from .scratch import Scratch
 from .selection import select_tokens_reference
 from .sparse_attention import sparse_attention_reference, sparse_attention_triton
 
@@ -54,12 +55,18 @@ def make_labels(keys: torch.Tensor, channels: torch.Tensor, bits: int, backend: 
 
 
 def label_scores(
-    q_labels: torch.Tensor, labels: Labels, bits: int, scaling: float, num_select_heads: int, backend: str = "auto"
+    q_labels: torch.Tensor,
+    labels: Labels,
+    bits: int,
+    scaling: float,
+    num_select_heads: int,
+    backend: str = "auto",
+    scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
-    """fp32 approximate scores [B, H_select, L, T] (see label_scores.py)."""
+    """fp32 approximate scores [B, H_select, L, T] (see label_scores.py; `scratch` serves the torch path)."""
     if resolve_backend(backend, q_labels.device) == "triton":
         return label_scores_triton(q_labels, labels, bits, scaling, num_select_heads)
-    return label_scores_reference(q_labels, labels, bits, scaling, num_select_heads)
+    return label_scores_reference(q_labels, labels, bits, scaling, num_select_heads, scratch)
 
 
 def select_tokens(
@@ -70,12 +77,13 @@ def select_tokens(
     recent_tokens: int,
     max_budget: int,
     backend: str = "auto",
+    scratch: Optional[Scratch] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices [B, H, L, K], slot_valid [B, 1, L, K]) (see selection.py)."""
+    """(indices [B, H, L, K], slot_valid [B, 1, L, K]) (see selection.py; `scratch` holds the temporaries)."""
     # Both backends use the torch ops (topk): fixed shapes and no host synchronisation, so they are
     # capturable in a CUDA graph; the benchmark reports selection time separately to show its share.
     resolve_backend(backend, scores.device)
-    return select_tokens_reference(scores, valid, budgets, sink_tokens, recent_tokens, max_budget)
+    return select_tokens_reference(scores, valid, budgets, sink_tokens, recent_tokens, max_budget, scratch)
 
 
 def sparse_attention(
@@ -86,11 +94,12 @@ def sparse_attention(
     slot_valid: torch.Tensor,
     scaling: float,
     backend: str = "auto",
+    scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
-    """Exact attention over the selected tokens: [B, H_q, L, d] (see sparse_attention.py)."""
+    """Exact attention over the selected tokens: [B, H_q, L, d] (see sparse_attention.py; `scratch` serves the torch path)."""
     if resolve_backend(backend, query.device) == "triton":
         return sparse_attention_triton(query, keys, values, indices, slot_valid, scaling)
-    return sparse_attention_reference(query, keys, values, indices, slot_valid, scaling)
+    return sparse_attention_reference(query, keys, values, indices, slot_valid, scaling, scratch)
 
 
 def dense_attention(

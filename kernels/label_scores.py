@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .label_append import Labels
+from .scratch import Scratch, scratch_or_new
 
 try:  # the torch reference must import where triton is missing (e.g. macOS)
     import triton
@@ -50,37 +51,52 @@ def label_scores_reference(
     bits: int,
     scaling: float,
     num_select_heads: Optional[int] = None,
+    scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
     """Torch reference: fp32 scores [B, H_select, L, T] of T cached labels for L query rows.
 
     q_labels: [B, H_q, L, r]; labels: codes [B, H_label, T, ...]. `num_select_heads` (default H_q)
-    divides H_q; consecutive query heads are max-reduced into one selection head.
+    divides H_q; consecutive query heads are max-reduced into one selection head. With `scratch`,
+    every temporary and the result live in its buffers (see scratch.py).
     """
     batch, num_q_heads, rows, num_channels = q_labels.shape
     num_label_heads, num_tokens = labels.codes.shape[1], labels.codes.shape[2]
     heads = num_select_heads or num_q_heads
     _check_heads(num_q_heads, num_label_heads, heads)
+    if bits not in (16, 8, 4):
+        raise ValueError(f"label bits must be 16, 8 or 4, got {bits}")
     per_label = num_q_heads // num_label_heads
+    device = q_labels.device
     # The query heads of one label head side by side: one matmul per label head, labels never repeated.
     queries = q_labels.float().reshape(batch, num_label_heads, per_label * rows, num_channels)
-    if bits == 16:
-        dots = torch.matmul(queries, labels.codes.float().transpose(-1, -2))
-    elif bits in (8, 4):
-        if bits == 8:
-            dots = torch.matmul(queries, labels.codes.float().transpose(-1, -2))
-        else:  # channel 2j is the low nibble, 2j+1 the high one
-            low = (labels.codes & 0x0F).float().transpose(-1, -2)
-            high = (labels.codes >> 4).float().transpose(-1, -2)
-            dots = torch.matmul(queries[..., 0::2], low) + torch.matmul(queries[..., 1::2], high)
-        scale = labels.scale.float()[:, :, None, :]
-        offset = labels.offset.float()[:, :, None, :]
-        dots = scale * dots + offset * queries.sum(dim=-1, keepdim=True)
-    else:
-        raise ValueError(f"label bits must be 16, 8 or 4, got {bits}")
-    scores = (dots * scaling).view(batch, num_q_heads, rows, num_tokens)
+    dots = scratch_or_new(scratch, "scores_dots", (*queries.shape[:3], num_tokens), torch.float32, device)
+    if bits in (16, 8):
+        torch.matmul(queries, _as_float(labels.codes, scratch, "scores_codes").transpose(-1, -2), out=dots)
+    else:  # channel 2j is the low nibble, 2j+1 the high one
+        nibbles = scratch_or_new(scratch, "scores_nibbles", labels.codes.shape, torch.uint8, device)
+        low = _as_float(torch.bitwise_and(labels.codes, 0x0F, out=nibbles), scratch, "scores_low")
+        torch.matmul(queries[..., 0::2], low.transpose(-1, -2), out=dots)
+        high = _as_float(torch.bitwise_right_shift(labels.codes, 4, out=nibbles), scratch, "scores_high")
+        high_dots = scratch_or_new(scratch, "scores_high_dots", dots.shape, torch.float32, device)
+        dots.add_(torch.matmul(queries[..., 1::2], high.transpose(-1, -2), out=high_dots))
+    if bits in (8, 4):
+        # label = offset + scale * code, so q . label = scale * (q . code) + offset * sum(q).
+        dots.mul_(_as_float(labels.scale, scratch, "scores_scale")[:, :, None, :])
+        offset = _as_float(labels.offset, scratch, "scores_offset")[:, :, None, :]
+        offset_term = scratch_or_new(scratch, "scores_offset_term", dots.shape, torch.float32, device)
+        dots.add_(torch.mul(offset, queries.sum(dim=-1, keepdim=True), out=offset_term))
+    scores = dots.mul_(scaling).view(batch, num_q_heads, rows, num_tokens)
     if heads != num_q_heads:
-        scores = scores.view(batch, heads, num_q_heads // heads, rows, num_tokens).amax(dim=2)
+        grouped = scores.view(batch, heads, num_q_heads // heads, rows, num_tokens)
+        reduced = scratch_or_new(scratch, "scores_reduced", (batch, heads, rows, num_tokens), torch.float32, device)
+        scores = torch.amax(grouped, dim=2, out=reduced)
     return scores
+
+
+def _as_float(tensor: torch.Tensor, scratch: Optional[Scratch], name: str) -> torch.Tensor:
+    if tensor.dtype == torch.float32:
+        return tensor
+    return scratch_or_new(scratch, name, tensor.shape, torch.float32, tensor.device).copy_(tensor)
 
 
 if triton is not None:

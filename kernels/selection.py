@@ -14,7 +14,11 @@ marked invalid. No host synchronisation is needed once `max_budget` is known.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from .scratch import Scratch, scratch_or_new
 
 
 def forced_tokens(valid: torch.Tensor, budgets: torch.Tensor, sink_tokens: int, recent_tokens: int) -> torch.Tensor:
@@ -28,13 +32,16 @@ def forced_tokens(valid: torch.Tensor, budgets: torch.Tensor, sink_tokens: int, 
     return valid & ((rank_from_end <= recent_kept) | (rank_from_start <= sink_kept))
 
 
-def ranking_keys(scores: torch.Tensor) -> torch.Tensor:
+def ranking_keys(scores: torch.Tensor, scratch: Optional[Scratch] = None) -> torch.Tensor:
     """int64 keys that order fp32 scores exactly, ties broken towards the higher position."""
     bits = scores.float().contiguous().view(torch.int32)
-    # Flipping the magnitude bits of negative floats makes their int order match the float order.
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
-    positions = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
-    return (ordered << 32) | positions
+    keys = scratch_or_new(scratch, "rank_keys", bits.shape, torch.int64, bits.device).copy_(bits)
+    # Flipping the magnitude bits of negative floats makes their int order match the float order
+    # (the sign-extended upper half is left as it is, so the flip can happen after widening).
+    flips = scratch_or_new(scratch, "rank_flips", bits.shape, torch.int64, bits.device)
+    keys.bitwise_xor_(torch.bitwise_right_shift(keys, 63, out=flips).bitwise_and_(0x7FFFFFFF))
+    positions = scratch_or_new(scratch, "rank_positions", (bits.shape[-1],), torch.int64, bits.device)
+    return keys.bitwise_left_shift_(32).bitwise_or_(torch.arange(bits.shape[-1], out=positions))
 
 
 def select_tokens_reference(
@@ -44,15 +51,21 @@ def select_tokens_reference(
     sink_tokens: int,
     recent_tokens: int,
     max_budget: int,
+    scratch: Optional[Scratch] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference: (indices [B, H, L, K] int64, slot_valid [B, 1, L, K] bool), K = max_budget.
 
     scores: [B, H, L, T] approximate scores; valid: [B, L, T] bool; budgets: [B, L] int64 tokens
-    per row (at most the row's valid count).
+    per row (at most the row's valid count). With `scratch`, the temporaries and the indices live in
+    its buffers (see scratch.py).
     """
     forced = forced_tokens(valid, budgets, sink_tokens, recent_tokens)[:, None]
-    ranked = scores.float().masked_fill(~valid[:, None], float("-inf")).masked_fill(forced, float("inf"))
-    indices = ranking_keys(ranked).topk(max_budget, dim=-1, sorted=True).indices
+    ranked = scratch_or_new(scratch, "select_ranked", scores.shape, torch.float32, scores.device).copy_(scores)
+    ranked.masked_fill_(~valid[:, None], float("-inf")).masked_fill_(forced, float("inf"))
+    shape = (*scores.shape[:-1], max_budget)
+    top = scratch_or_new(scratch, "select_top_keys", shape, torch.int64, scores.device)
+    indices = scratch_or_new(scratch, "select_indices", shape, torch.int64, scores.device)
+    torch.topk(ranking_keys(ranked, scratch), max_budget, dim=-1, sorted=True, out=(top, indices))
     slots = torch.arange(max_budget, device=scores.device)
     slot_valid = (slots < budgets[..., None])[:, None]
     return indices, slot_valid

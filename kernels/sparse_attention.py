@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from .scratch import Scratch, scratch_or_new
+
 try:  # the torch references must import where triton is missing (e.g. macOS)
     import triton
     import triton.language as tl
@@ -26,16 +28,18 @@ def _per_query_head(tensor: torch.Tensor, num_q_heads: int) -> torch.Tensor:
     return tensor.repeat_interleave(num_q_heads // tensor.shape[1], dim=1)
 
 
-def take_rows(cache: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Rows `indices` [B, H, N] of each head of `cache` [B, H, T, d] -> [B, H, N, d]."""
+def take_rows(cache: torch.Tensor, indices: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows `indices` [B, H, N] of each head of `cache` [B, H, T, d] -> [B, H, N, d] (into `out` if given)."""
     batch, heads, length, head_dim = cache.shape
     if cache.is_contiguous():
         # One index_select over the flattened cache: several times faster on CPU than gather with an
         # index expanded over d, and it reads only the selected rows.
         first_row = torch.arange(batch * heads, device=cache.device).view(batch, heads, 1) * length
         rows = (indices + first_row).reshape(-1)
-        return cache.view(-1, head_dim).index_select(0, rows).view(batch, heads, -1, head_dim)
-    return torch.gather(cache, 2, indices[..., None].expand(-1, -1, -1, head_dim))
+        flat_out = None if out is None else out.view(-1, head_dim)
+        return torch.index_select(cache.view(-1, head_dim), 0, rows, out=flat_out).view(batch, heads, -1, head_dim)
+    index = indices[..., None].expand(-1, -1, -1, head_dim)
+    return torch.gather(cache, 2, index) if out is None else torch.gather(cache, 2, index, out=out)
 
 
 def sparse_attention_reference(
@@ -45,11 +49,13 @@ def sparse_attention_reference(
     indices: torch.Tensor,
     slot_valid: torch.Tensor,
     scaling: float,
+    scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
     """Torch reference by gathering the selected rows: out [B, H_q, L, d] in the query dtype.
 
     query [B, H_q, L, d]; keys/values [B, H_kv, T, d]; indices [B, H_select, L, K];
-    slot_valid broadcastable to indices. Rows with no valid slot return zeros.
+    slot_valid broadcastable to indices. Rows with no valid slot return zeros. With `scratch`, the
+    gathered rows live in its buffers (see scratch.py).
     """
     batch, num_q_heads, rows, head_dim = query.shape
     num_kv_heads = keys.shape[1]
@@ -61,8 +67,11 @@ def sparse_attention_reference(
     per_kv = num_select_heads // num_kv_heads
     per_select = num_q_heads // num_select_heads
     index = indices.reshape(batch, num_kv_heads, per_kv * rows * slots)
-    picked_keys = take_rows(keys, index).float().view(batch, num_kv_heads, per_kv, rows, slots, head_dim)
-    picked_values = take_rows(values, index).float().view(batch, num_kv_heads, per_kv, rows, slots, head_dim)
+    picked_shape = (*index.shape, head_dim)
+    picked_keys = take_rows(keys, index, scratch_or_new(scratch, "picked_keys", picked_shape, keys.dtype, keys.device))
+    picked_values = take_rows(values, index, scratch_or_new(scratch, "picked_values", picked_shape, values.dtype, values.device))
+    picked_keys = picked_keys.float().view(batch, num_kv_heads, per_kv, rows, slots, head_dim)
+    picked_values = picked_values.float().view(batch, num_kv_heads, per_kv, rows, slots, head_dim)
     queries = query.float().view(batch, num_kv_heads, per_kv, per_select, rows, head_dim).transpose(3, 4)
     logits = torch.matmul(queries, picked_keys.transpose(-1, -2)) * scaling  # [B, H_kv, S, L, G, K]
     keep = slot_valid.expand(batch, -1, rows, slots)
