@@ -72,13 +72,12 @@ def label_scores_reference(
     dots = scratch_or_new(scratch, "scores_dots", (*queries.shape[:3], num_tokens), torch.float32, device)
     if bits in (16, 8):
         torch.matmul(queries, _as_float(labels.codes, scratch, "scores_codes").transpose(-1, -2), out=dots)
-    else:  # channel 2j is the low nibble, 2j+1 the high one
+    else:  # channel 2j is the low nibble, 2j+1 the high one: unpacked side by side, one matmul
         nibbles = scratch_or_new(scratch, "scores_nibbles", labels.codes.shape, torch.uint8, device)
-        low = _as_float(torch.bitwise_and(labels.codes, 0x0F, out=nibbles), scratch, "scores_low")
-        torch.matmul(queries[..., 0::2], low.transpose(-1, -2), out=dots)
-        high = _as_float(torch.bitwise_right_shift(labels.codes, 4, out=nibbles), scratch, "scores_high")
-        high_dots = scratch_or_new(scratch, "scores_high_dots", dots.shape, torch.float32, device)
-        dots.add_(torch.matmul(queries[..., 1::2], high.transpose(-1, -2), out=high_dots))
+        unpacked = scratch_or_new(scratch, "scores_unpacked", (*labels.codes.shape, 2), torch.float32, device)
+        unpacked[..., 0].copy_(torch.bitwise_and(labels.codes, 0x0F, out=nibbles))
+        unpacked[..., 1].copy_(torch.bitwise_right_shift(labels.codes, 4, out=nibbles))
+        torch.matmul(queries, unpacked.view(*labels.codes.shape[:3], num_channels).transpose(-1, -2), out=dots)
     if bits in (8, 4):
         # label = offset + scale * code, so q . label = scale * (q . code) + offset * sum(q).
         dots.mul_(_as_float(labels.scale, scratch, "scores_scale")[:, :, None, :])

@@ -60,12 +60,14 @@ def select_tokens_reference(
     its buffers (see scratch.py).
     """
     forced = forced_tokens(valid, budgets, sink_tokens, recent_tokens)[:, None]
-    ranked = scratch_or_new(scratch, "select_ranked", scores.shape, torch.float32, scores.device).copy_(scores)
-    ranked.masked_fill_(~valid[:, None], float("-inf")).masked_fill_(forced, float("inf"))
+    # Masking the int64 keys, not the scores, saves a pass: forced tokens share the top key (their
+    # order among themselves is free, they all fit in the budget), invalid ones the bottom one.
+    keys = ranking_keys(scores, scratch)
+    keys.masked_fill_(~valid[:, None], torch.iinfo(torch.int64).min).masked_fill_(forced, torch.iinfo(torch.int64).max)
     shape = (*scores.shape[:-1], max_budget)
     top = scratch_or_new(scratch, "select_top_keys", shape, torch.int64, scores.device)
     indices = scratch_or_new(scratch, "select_indices", shape, torch.int64, scores.device)
-    torch.topk(ranking_keys(ranked, scratch), max_budget, dim=-1, sorted=True, out=(top, indices))
+    torch.topk(keys, max_budget, dim=-1, sorted=True, out=(top, indices))
     slots = torch.arange(max_budget, device=scores.device)
     slot_valid = (slots < budgets[..., None])[:, None]
     return indices, slot_valid

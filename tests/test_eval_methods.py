@@ -38,8 +38,8 @@ def recording(model, method, config, channels):
         return
     original = ds_attention.select_tokens
 
-    def recorder(scores, valid, budgets, sink, recent, max_budget, backend="auto"):
-        indices, slot_valid = original(scores, valid, budgets, sink, recent, max_budget, backend)
+    def recorder(scores, valid, budgets, sink, recent, max_budget, backend="auto", scratch=None):
+        indices, slot_valid = original(scores, valid, budgets, sink, recent, max_budget, backend, scratch)
         selected = selection_mask(indices, slot_valid, valid.shape[-1])
         records.append({"valid": valid, "budgets": budgets, "selected": selected})
         return indices, slot_valid
