@@ -258,12 +258,34 @@ def selection_recall(predicted: HostSelection, exact: HostSelection, length: int
 # The offloaded layer and cache
 
 
-class OffloadLayer(CacheLayerMixin):
-    """One layer's cache in offload mode: K/V in host memory, labels and the recent window on the device."""
+class HostStoredLayer(CacheLayerMixin):
+    """The transformers layer interface of a cache layer whose K/V live in host memory.
+
+    Subclasses count their tokens in `length` and belong to an `owner` cache with `max_cache_len`.
+    """
 
     is_compileable = False
     is_sliding = False
     is_croppable = True
+    length: int
+    owner: Any
+
+    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
+        """(key length, offset) of the attention mask; takes a query length or cache positions."""
+        rows = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return self.length + rows, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens stored."""
+        return self.length
+
+    def get_max_length(self) -> int:
+        """The preallocated length, or -1 when the store grows."""
+        return self.owner.max_cache_len or -1
+
+
+class OffloadLayer(HostStoredLayer):
+    """One layer's cache in offload mode: K/V in host memory, labels and the recent window on the device."""
 
     def __init__(self, layer_idx: int, channels: torch.Tensor, config: SparsityConfig, owner: "OffloadCache") -> None:
         super().__init__()
@@ -309,19 +331,6 @@ class OffloadLayer(CacheLayerMixin):
         self.length += count
         # Only the new tokens go back: the attention function reads the store through this layer.
         return key_states, value_states
-
-    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
-        """(key length, offset) of the attention mask; takes a query length or cache positions."""
-        rows = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
-        return self.length + rows, 0
-
-    def get_seq_length(self) -> int:
-        """Tokens stored."""
-        return self.length
-
-    def get_max_length(self) -> int:
-        """The preallocated length, or -1 when the store grows."""
-        return self.owner.max_cache_len or -1
 
     def reset(self) -> None:
         """Forget every token (keeping the allocations)."""

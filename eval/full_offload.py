@@ -28,18 +28,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from doublesparse.layout import HeadLayout
-from doublesparse.offload import HostMemoryBudget, TokenBuffer, host_kv_bytes, host_store_bytes
+from doublesparse.offload import HostMemoryBudget, HostStoredLayer, TokenBuffer, host_kv_bytes, host_store_bytes
 
 
-class FullOffloadLayer(CacheLayerMixin):
+class FullOffloadLayer(HostStoredLayer):
     """One layer's cache: K/V in host memory; the whole past copied to a device ring slot for each step."""
-
-    is_compileable = False
-    is_sliding = False
-    is_croppable = True
 
     def __init__(self, layer_idx: int, owner: "FullOffloadCache") -> None:
         super().__init__()
@@ -80,19 +76,6 @@ class FullOffloadLayer(CacheLayerMixin):
         self.slot = slot
         self.owner.after_update(self.layer_idx)
         return keys[: self.length].permute(1, 2, 0, 3), values[: self.length].permute(1, 2, 0, 3)
-
-    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
-        """(key length, offset) of the attention mask; takes a query length or cache positions."""
-        rows = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
-        return self.length + rows, 0
-
-    def get_seq_length(self) -> int:
-        """Tokens stored."""
-        return self.length
-
-    def get_max_length(self) -> int:
-        """The preallocated length, or -1 when the store grows."""
-        return self.owner.max_cache_len or -1
 
     def reset(self) -> None:
         """Forget every token (keeping the allocations)."""

@@ -17,13 +17,7 @@ from doublesparse.eval.full_offload import FullOffloadCache, make_full_offload_c
 from tiny_models import left_padded_batch, random_channel_mask, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode faster on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_RUN = ["bench", "offload", "--config", "tiny", "--context", "96", "--batch", "1,2", "--steps", "2", "--warmup", "1",

@@ -13,13 +13,7 @@ from tiny_models import ARCHITECTURES, left_padded_batch, random_channel_mask, t
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode faster on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BASE = ds.SparsityConfig(num_channels=4, token_budget=9, label_bits=8, sink_tokens=2, recent_tokens=3)
