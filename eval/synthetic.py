@@ -59,14 +59,11 @@ def as_rng(rng_or_seed: RngOrSeed) -> random.Random:
     return rng_or_seed if isinstance(rng_or_seed, random.Random) else random.Random(rng_or_seed)
 
 
-def kv_retrieval_document(rng_or_seed: RngOrSeed, num_lines: int = 60, num_queries: int = 1) -> Segments:
-    """A LongEval-style line record and `num_queries` questions about distinct lines, as segments."""
-    if num_lines < 1 or not 1 <= num_queries <= num_lines:
-        raise ValueError(f"need num_lines >= 1 and 1 <= num_queries <= num_lines, got {num_lines}, {num_queries}")
-    rng = as_rng(rng_or_seed)
+def _kv_record(rng: random.Random, num_lines: int) -> tuple[list[str], list[int]]:
+    """`num_lines` distinct word-word keys and their five-digit values."""
     all_pairs = len(KEY_WORDS) * (len(KEY_WORDS) - 1)
-    if num_lines > all_pairs:
-        raise ValueError(f"num_lines={num_lines} exceeds the {all_pairs} distinct keys")
+    if not 1 <= num_lines <= all_pairs:
+        raise ValueError(f"num_lines must lie in [1, {all_pairs}] (the distinct keys), got {num_lines}")
     keys: list[str] = []
     seen: set[str] = set()
     while len(keys) < num_lines:
@@ -75,13 +72,42 @@ def kv_retrieval_document(rng_or_seed: RngOrSeed, num_lines: int = 60, num_queri
         if key not in seen:
             seen.add(key)
             keys.append(key)
-    values = [rng.randint(10000, 99999) for _ in keys]
+    return keys, [rng.randint(10000, 99999) for _ in keys]
+
+
+def kv_retrieval_document(rng_or_seed: RngOrSeed, num_lines: int = 60, num_queries: int = 1) -> Segments:
+    """A LongEval-style line record and `num_queries` questions about distinct lines, as segments."""
+    if num_lines < 1 or not 1 <= num_queries <= num_lines:
+        raise ValueError(f"need num_lines >= 1 and 1 <= num_queries <= num_lines, got {num_lines}, {num_queries}")
+    rng = as_rng(rng_or_seed)
+    keys, values = _kv_record(rng, num_lines)
     record = "".join(f"line {key}: REGISTER_CONTENT is <{value}>\n" for key, value in zip(keys, values))
     segments: Segments = []
     prefix = KV_PREAMBLE + record
     for index in rng.sample(range(num_lines), num_queries):
         key = keys[index]
         prefix += f"\nQuestion: what is the REGISTER_CONTENT in line {key}?\nAnswer: line {key}: REGISTER_CONTENT is <"
+        segments.append((prefix, False))
+        segments.append((str(values[index]), True))
+        prefix = ">\n"
+    segments.append((prefix, False))
+    return segments
+
+
+def kv_recall_document(rng_or_seed: RngOrSeed, num_lines: int = 16) -> Segments:
+    """A LongEval-style line record, then every line restated in a shuffled order with its value as the answer.
+
+    Training data: each restated line asks for one key-to-value match, so a record of n lines gives n
+    matching signals at the cost of one line each (a question costs two), and a model has to look
+    the key up: the order differs from the record's.
+    """
+    rng = as_rng(rng_or_seed)
+    keys, values = _kv_record(rng, num_lines)
+    segments: Segments = []
+    prefix = KV_PREAMBLE + "".join(f"line {key}: REGISTER_CONTENT is <{value}>\n" for key, value in zip(keys, values))
+    prefix += "\nThe same lines again:\n"
+    for index in rng.sample(range(num_lines), num_lines):
+        prefix += f"line {keys[index]}: REGISTER_CONTENT is <"
         segments.append((prefix, False))
         segments.append((str(values[index]), True))
         prefix = ">\n"
