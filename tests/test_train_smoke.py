@@ -42,7 +42,14 @@ def test_tiny_training_run_writes_a_loadable_model(tmp_path: Path) -> None:
     assert model.config.num_key_value_heads == 1 and len(tokenizer) == 384
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["heldout_perplexity"] > 1.0
-    assert "Reproduce" in (out_dir / "MODEL_CARD.md").read_text()
+    card = (out_dir / "MODEL_CARD.md").read_text()
+    assert "Reproduce" in card and "## Targets" in card
+    # Four steps retrieve nothing: the card must say so, not hide it.
+    assert "Not reached by this run" in card
+    # --card-only rebuilds the same card from the recorded summary and metrics alone.
+    (out_dir / "MODEL_CARD.md").unlink()
+    load_script().main(["--out-dir", str(out_dir), "--card-only"])
+    assert (out_dir / "MODEL_CARD.md").read_text() == card
 
 
 def test_stdlib_split_is_deterministic_and_disjoint() -> None:
