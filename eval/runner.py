@@ -173,7 +173,8 @@ def table_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
     for task in tasks:
         columns.append((task, "dense"))
         columns.extend((task, label) for label in labels)
-    headers = ["method"] + [f"{t} {metric[t]} (dense)" if l == "dense" else f"{t} @{l}" for t, l in columns]
+    named = {t: t if metric[t] == t else f"{t} {metric[t]}" for t in tasks}  # "perplexity", "kv_retrieval accuracy"
+    headers = ["method"] + [f"{named[t]} (dense)" if l == "dense" else f"{t} @{l}" for t, l in columns]
     body = []
     for method in methods:
         line = [method]
