@@ -261,14 +261,19 @@ def selection_recall(predicted: HostSelection, exact: HostSelection, length: int
 class HostStoredLayer(CacheLayerMixin):
     """The transformers layer interface of a cache layer whose K/V live in host memory.
 
-    Subclasses count their tokens in `length` and belong to an `owner` cache with `max_cache_len`.
+    Subclasses count their tokens in `length`, keep K/V token-major in `host_keys` / `host_values`
+    (TokenBuffers), belong to an `owner` HostStoredCache, and implement `_map_batch(fn)`, which
+    applies `fn(tensor, batch_dim)` to every tensor with a batch dimension.
     """
 
     is_compileable = False
     is_sliding = False
     is_croppable = True
+    layer_idx: int
     length: int
-    owner: Any
+    owner: "HostStoredCache"
+    host_keys: TokenBuffer
+    host_values: TokenBuffer
 
     def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
         """(key length, offset) of the attention mask; takes a query length or cache positions."""
@@ -282,6 +287,79 @@ class HostStoredLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         """The preallocated length, or -1 when the store grows."""
         return self.owner.max_cache_len or -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch for beam search."""
+        self._map_batch(lambda t, dim: t.index_select(dim, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row `repeats` times."""
+        self._map_batch(lambda t, dim: t.repeat_interleave(repeats, dim=dim))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows in `indices`."""
+        self._map_batch(lambda t, dim: t.index_select(dim, indices.to(t.device)))
+
+    def _map_batch(self, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _check_room(self, needed: int) -> None:
+        """ValueError if `needed` tokens exceed the cache's preallocated length."""
+        limit = self.owner.max_cache_len
+        if limit is not None and needed > limit:
+            raise ValueError(f"the cache was made for max_cache_len={limit} tokens; {needed} do not fit: make it larger")
+
+    def _grow_host_store(self, needed: int, like: torch.Tensor) -> None:
+        """Room for `needed` tokens in the host K/V stores (rows like `like[0]`), within the cache's budget."""
+        if needed <= self.host_keys.capacity:
+            return
+        self._check_room(needed)
+        limit = self.owner.max_cache_len
+        capacity = limit if limit is not None else max(needed, 2 * self.host_keys.capacity, 256)
+        store_bytes = host_store_bytes(capacity, like[0].numel() * like.element_size())
+        self.owner.host_budget.reserve({self.layer_idx: 2 * store_bytes}, f"layer {self.layer_idx} at {capacity} tokens")
+        host = torch.device("cpu")
+        self.host_keys.reserve(capacity, like, host)
+        self.host_values.reserve(capacity, like, host)
+
+
+class HostStoredCache:
+    """What a cache of HostStoredLayers shares: the list of those layers and host memory reservation.
+
+    Mixed into a DynamicCache that sets `max_cache_len` and `host_budget` (a HostMemoryBudget).
+    """
+
+    layers: list
+    max_cache_len: Optional[int]
+    host_budget: HostMemoryBudget
+
+    def offload_layers(self) -> list[HostStoredLayer]:
+        """The layers whose K/V live in host memory, in order."""
+        return [layer for layer in self.layers if isinstance(layer, HostStoredLayer)]
+
+    def reserve_host_memory(self, key_states: torch.Tensor) -> None:
+        """With a preallocated length, reserve (and check) host memory for every layer at once."""
+        if self.max_cache_len is None:
+            return
+        batch, heads, _, head_dim = key_states.shape
+        per_layer = host_kv_bytes(1, batch, heads, head_dim, self.max_cache_len, key_states.dtype)
+        layers = self.offload_layers()
+        self.host_budget.reserve(
+            {layer.layer_idx: per_layer for layer in layers},
+            f"{len(layers)} layers x batch {batch} x {self.max_cache_len} tokens",
+        )
+
+    def layer_bytes(self, report: dict[str, int]) -> dict[str, int]:
+        """Add each host-stored layer's memory() to `report`, and the device K/V of the other layers."""
+        for layer in self.layers:
+            if isinstance(layer, HostStoredLayer):
+                for name, value in layer.memory().items():
+                    report[name] += value
+            else:
+                for name in ("keys", "values"):
+                    tensor = getattr(layer, name, None)
+                    report[f"device_{name}"] += 0 if tensor is None else tensor.numel() * tensor.element_size()
+        return report
 
 
 class OffloadLayer(HostStoredLayer):
@@ -317,7 +395,7 @@ class OffloadLayer(HostStoredLayer):
         count = key_states.shape[2]
         token_major_keys = key_states.permute(2, 0, 1, 3).contiguous()
         token_major_values = value_states.permute(2, 0, 1, 3).contiguous()
-        self._grow(self.length + count, token_major_keys)
+        self._grow_host_store(self.length + count, token_major_keys)
         self.host_keys.append(token_major_keys)
         self.host_values.append(token_major_values)
         labels = make_labels(key_states, self.channels, self.config.label_bits, self.config.backend)
@@ -350,18 +428,6 @@ class OffloadLayer(HostStoredLayer):
             buffer.truncate(self.length)
         self._rebuild_window()
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the batch for beam search."""
-        self._map_batch(lambda t, dim: t.index_select(dim, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat every batch row `repeats` times."""
-        self._map_batch(lambda t, dim: t.repeat_interleave(repeats, dim=dim))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the batch rows in `indices`."""
-        self._map_batch(lambda t, dim: t.index_select(dim, indices.to(t.device)))
-
     # -- what the attention function reads --------------------------------------------------------
 
     @property
@@ -387,19 +453,6 @@ class OffloadLayer(HostStoredLayer):
         }
 
     # -- internals ------------------------------------------------------------------------------
-
-    def _grow(self, needed: int, like: torch.Tensor) -> None:
-        if needed <= self.host_keys.capacity:
-            return
-        limit = self.owner.max_cache_len
-        if limit is not None and needed > limit:
-            raise ValueError(f"the offload cache was made for max_cache_len={limit} tokens; {needed} do not fit: make it larger")
-        capacity = limit if limit is not None else max(needed, 2 * self.host_keys.capacity, 256)
-        store_bytes = host_store_bytes(capacity, like[0].numel() * like.element_size())
-        self.owner.host_budget.reserve({self.layer_idx: 2 * store_bytes}, f"layer {self.layer_idx} at {capacity} tokens")
-        host = torch.device("cpu")
-        self.host_keys.reserve(capacity, like, host)
-        self.host_values.reserve(capacity, like, host)
 
     def _push_window(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if self.window_keys is None:
@@ -472,7 +525,7 @@ class DeviceBuffers:
         return sum(t.numel() * t.element_size() for pair in pairs for t in pair)
 
 
-class OffloadCache(DoubleSparseCache):
+class OffloadCache(HostStoredCache, DoubleSparseCache):
     """A DynamicCache whose Double Sparsity layers are `OffloadLayer`s (Double Sparsity-Offload).
 
     Build it with `doublesparse.make_cache(model)` (or `make_offload_cache` to check host memory for a
@@ -498,33 +551,11 @@ class OffloadCache(DoubleSparseCache):
         self.buffers = DeviceBuffers()
         self.prefetcher = Prefetcher(self, measure_recall) if config.prefetch else None
 
-    def offload_layers(self) -> list[OffloadLayer]:
-        """The offloaded layers, in order."""
-        return [layer for layer in self.layers if isinstance(layer, OffloadLayer)]
-
-    def reserve_host_memory(self, key_states: torch.Tensor) -> None:
-        """With a preallocated length, reserve (and check) host memory for every layer at once."""
-        if self.max_cache_len is None:
-            return
-        batch, heads, _, head_dim = key_states.shape
-        per_layer = host_kv_bytes(1, batch, heads, head_dim, self.max_cache_len, key_states.dtype)
-        layers = self.offload_layers()
-        self.host_budget.reserve(
-            {layer.layer_idx: per_layer for layer in layers},
-            f"{len(layers)} layers x batch {batch} x {self.max_cache_len} tokens",
-        )
-
     def memory(self) -> dict[str, int]:
         """Allocated bytes split by place: host K/V; device labels, window, copy buffers and dense layers' K/V."""
-        report = {"host_keys": 0, "host_values": 0, "device_labels": 0, "device_window": 0, "device_keys": 0, "device_values": 0}
-        for layer in self.layers:
-            if isinstance(layer, OffloadLayer):
-                for name, value in layer.memory().items():
-                    report[name] += value
-            else:
-                for name in ("keys", "values"):
-                    tensor = getattr(layer, name, None)
-                    report[f"device_{name}"] += 0 if tensor is None else tensor.numel() * tensor.element_size()
+        report = self.layer_bytes(
+            {"host_keys": 0, "host_values": 0, "device_labels": 0, "device_window": 0, "device_keys": 0, "device_values": 0}
+        )
         report["device_buffers"] = self.buffers.nbytes()
         report["host"] = report["host_keys"] + report["host_values"]
         report["device"] = sum(report[name] for name in ("device_labels", "device_window", "device_keys", "device_values", "device_buffers"))

@@ -31,7 +31,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from doublesparse.layout import HeadLayout
-from doublesparse.offload import HostMemoryBudget, HostStoredLayer, TokenBuffer, host_kv_bytes, host_store_bytes
+from doublesparse.offload import HostMemoryBudget, HostStoredCache, HostStoredLayer, TokenBuffer, host_kv_bytes
 
 
 class FullOffloadLayer(HostStoredLayer):
@@ -59,11 +59,9 @@ class FullOffloadLayer(HostStoredLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         count = key_states.shape[2]
-        limit = self.owner.max_cache_len
-        if limit is not None and self.length + count > limit:
-            raise ValueError(f"the full-offload cache was made for max_cache_len={limit} tokens; {self.length + count} do not fit: make it larger")
         new_keys = key_states.permute(2, 0, 1, 3).contiguous()
         new_values = value_states.permute(2, 0, 1, 3).contiguous()
+        self._check_room(self.length + count)
         if self.length == 0:
             self._store(new_keys, new_values)
             self.slot = None
@@ -95,18 +93,6 @@ class FullOffloadLayer(HostStoredLayer):
         self.host_keys.truncate(self.length)
         self.host_values.truncate(self.length)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the batch for beam search."""
-        self._map_batch(lambda t: t.index_select(1, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat every batch row `repeats` times."""
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=1))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the batch rows in `indices`."""
-        self._map_batch(lambda t: t.index_select(1, indices.to(t.device)))
-
     # -- storage ----------------------------------------------------------------------------------
 
     def host_store(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,25 +104,17 @@ class FullOffloadLayer(HostStoredLayer):
         return {"host_keys": self.host_keys.nbytes(), "host_values": self.host_values.nbytes()}
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        needed = self.length + keys.shape[0]
-        if needed > self.host_keys.capacity:
-            limit = self.owner.max_cache_len
-            capacity = limit if limit is not None else max(needed, 2 * self.host_keys.capacity, 256)
-            store_bytes = host_store_bytes(capacity, keys[0].numel() * keys.element_size())
-            self.owner.host_budget.reserve({self.layer_idx: 2 * store_bytes}, f"layer {self.layer_idx} at {capacity} tokens")
-            host = torch.device("cpu")
-            self.host_keys.reserve(capacity, keys, host)
-            self.host_values.reserve(capacity, values, host)
+        self._grow_host_store(self.length + keys.shape[0], keys)
         self.host_keys.append(keys)
         self.host_values.append(values)
-        self.length = needed
+        self.length += keys.shape[0]
 
-    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def _map_batch(self, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
         if not self.length:
             return
         self.owner.forget_copies()
         for buffer in (self.host_keys, self.host_values):
-            buffer.replace(fn(buffer.view()))
+            buffer.replace(fn(buffer.view(), 1))
 
 
 @dataclass
@@ -147,7 +125,7 @@ class PendingCopy:
     length: int
 
 
-class FullOffloadCache(DynamicCache):
+class FullOffloadCache(HostStoredCache, DynamicCache):
     """A DynamicCache whose full-attention layers keep K/V in host memory and copy all of it in per step.
 
     Build it with `make_full_offload_cache(model, max_cache_len, batch_size)` to check host memory up front.
@@ -166,21 +144,6 @@ class FullOffloadCache(DynamicCache):
         self.pending: dict[int, PendingCopy] = {}
         self.copy_stream = None
         self.ready: list[Any] = []
-
-    def offload_layers(self) -> list[FullOffloadLayer]:
-        """The offloaded layers, in order."""
-        return [layer for layer in self.layers if isinstance(layer, FullOffloadLayer)]
-
-    def reserve_host_memory(self, key_states: torch.Tensor) -> None:
-        """With a preallocated length, reserve (and check) host memory for every layer at once."""
-        if self.max_cache_len is None:
-            return
-        batch, heads, _, head_dim = key_states.shape
-        layers = self.offload_layers()
-        per_layer = host_kv_bytes(1, batch, heads, head_dim, self.max_cache_len, key_states.dtype)
-        self.host_budget.reserve(
-            {layer.layer_idx: per_layer for layer in layers}, f"{len(layers)} layers x batch {batch} x {self.max_cache_len} tokens"
-        )
 
     # -- the copies -------------------------------------------------------------------------------
 
@@ -267,15 +230,7 @@ class FullOffloadCache(DynamicCache):
 
     def memory(self) -> dict[str, int]:
         """Allocated bytes split by place: host K/V; device ring buffers and K/V of layers kept on the device."""
-        report = {"host_keys": 0, "host_values": 0, "device_keys": 0, "device_values": 0}
-        for layer in self.layers:
-            if isinstance(layer, FullOffloadLayer):
-                for name, value in layer.memory().items():
-                    report[name] += value
-            else:
-                for name in ("keys", "values"):
-                    tensor = getattr(layer, name, None)
-                    report[f"device_{name}"] += 0 if tensor is None else tensor.numel() * tensor.element_size()
+        report = self.layer_bytes({"host_keys": 0, "host_values": 0, "device_keys": 0, "device_values": 0})
         report["device_buffers"] = sum(t.numel() * t.element_size() for pair in self.ring if pair is not None for t in pair)
         report["host"] = report["host_keys"] + report["host_values"]
         report["device"] = report["device_keys"] + report["device_values"] + report["device_buffers"]
