@@ -81,17 +81,9 @@ def kv_retrieval_document(rng_or_seed: RngOrSeed, num_lines: int = 60, num_queri
         raise ValueError(f"need num_lines >= 1 and 1 <= num_queries <= num_lines, got {num_lines}, {num_queries}")
     rng = as_rng(rng_or_seed)
     keys, values = _kv_record(rng, num_lines)
-    record = "".join(f"line {key}: REGISTER_CONTENT is <{value}>\n" for key, value in zip(keys, values))
-    segments: Segments = []
-    prefix = KV_PREAMBLE + record
-    for index in rng.sample(range(num_lines), num_queries):
-        key = keys[index]
-        prefix += f"\nQuestion: what is the REGISTER_CONTENT in line {key}?\nAnswer: line {key}: REGISTER_CONTENT is <"
-        segments.append((prefix, False))
-        segments.append((str(values[index]), True))
-        prefix = ">\n"
-    segments.append((prefix, False))
-    return segments
+    asked = rng.sample(range(num_lines), num_queries)
+    leads = [f"\nQuestion: what is the REGISTER_CONTENT in line {keys[i]}?\nAnswer: line {keys[i]}: REGISTER_CONTENT is <" for i in asked]
+    return _answered(_record_text(keys, values), leads, [values[i] for i in asked])
 
 
 def kv_recall_document(rng_or_seed: RngOrSeed, num_lines: int = 16) -> Segments:
@@ -103,13 +95,23 @@ def kv_recall_document(rng_or_seed: RngOrSeed, num_lines: int = 16) -> Segments:
     """
     rng = as_rng(rng_or_seed)
     keys, values = _kv_record(rng, num_lines)
+    order = rng.sample(range(num_lines), num_lines)
+    leads = [f"line {keys[i]}: REGISTER_CONTENT is <" for i in order]
+    leads[0] = "\nThe same lines again:\n" + leads[0]
+    return _answered(_record_text(keys, values), leads, [values[i] for i in order])
+
+
+def _record_text(keys: list[str], values: list[int]) -> str:
+    return KV_PREAMBLE + "".join(f"line {key}: REGISTER_CONTENT is <{value}>\n" for key, value in zip(keys, values))
+
+
+def _answered(record: str, leads: list[str], answers: list[int]) -> Segments:
+    # record, then for each answer: its lead-in text, the answer (marked), and the closing ">\n".
     segments: Segments = []
-    prefix = KV_PREAMBLE + "".join(f"line {key}: REGISTER_CONTENT is <{value}>\n" for key, value in zip(keys, values))
-    prefix += "\nThe same lines again:\n"
-    for index in rng.sample(range(num_lines), num_lines):
-        prefix += f"line {keys[index]}: REGISTER_CONTENT is <"
-        segments.append((prefix, False))
-        segments.append((str(values[index]), True))
+    prefix = record
+    for lead, answer in zip(leads, answers):
+        segments.append((prefix + lead, False))
+        segments.append((str(answer), True))
         prefix = ">\n"
     segments.append((prefix, False))
     return segments
