@@ -17,24 +17,16 @@ TINY_MODEL_NAME = "tiny-random-llama (random weights, NOT a trained model)"
 
 def tiny_tokenizer(vocab_size: int = 512, seed: int = 0) -> Any:
     """A byte-level BPE tokenizer (digits split one by one) trained on synthetic retrieval text, as PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from doublesparse.eval import synthetic
+    from doublesparse.eval.bpe import train_byte_level_bpe
 
     rng = random.Random(seed)
     corpus = ["".join(text for text, _ in synthetic.kv_retrieval_document(rng, 20)) for _ in range(20)]
     corpus += ["".join(text for text, _ in synthetic.passkey_document(rng, 30)) for _ in range(10)]
     corpus += ["def main(argv=None):\n    return 0\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = train_byte_level_bpe(corpus, vocab_size, ["<|endoftext|>", "<|pad|>"])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>")
 
 

@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from doublesparse.eval import synthetic
+from doublesparse.eval.bpe import train_byte_level_bpe
 
 LOGGER = logging.getLogger("train_default_model")
 BOS_TOKEN = "<|endoftext|>"
@@ -224,20 +225,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, seed: int) -> PreTrainedT
     synthetic_texts = [
         "".join(text for text, _ in synthetic.kv_retrieval_document(seed * 7919 + i, 30, 2)) for i in range(200)
     ] + ["".join(text for text, _ in synthetic.passkey_document(seed * 7919 + i, 40)) for i in range(50)]
-    tokenizer = Tokenizer(models.BPE())
-    # Digits one by one: every number tokenizes the same way wherever it appears, so answers copy
-    # digit by digit and segment-wise encoding equals encoding the joined text.
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts + synthetic_texts, trainer)
+    tokenizer = train_byte_level_bpe(texts + synthetic_texts, vocab_size, [BOS_TOKEN, PAD_TOKEN])
     bos_id = tokenizer.token_to_id(BOS_TOKEN)
     # Every sequence starts with BOS, in training and at inference: a stable attention sink.
     tokenizer.post_processor = processors.TemplateProcessing(
