@@ -288,6 +288,12 @@ class HostStoredLayer(CacheLayerMixin):
         """The preallocated length, or -1 when the store grows."""
         return self.owner.max_cache_len or -1
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Take dtype and device from the first keys; reserve host memory for the whole cache."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.owner.reserve_host_memory(key_states)
+        self.is_initialized = True
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch for beam search."""
         self._map_batch(lambda t, dim: t.index_select(dim, beam_idx.to(t.device)))
@@ -382,11 +388,9 @@ class OffloadLayer(HostStoredLayer):
     # -- transformers' layer interface ----------------------------------------------------------
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Take dtype and device from the first keys; reserve host memory for the whole cache."""
-        self.dtype, self.device = key_states.dtype, key_states.device
+        """As HostStoredLayer's, and the label channels moved to the keys' device."""
+        super().lazy_initialization(key_states, value_states)
         self.channels = self.channels.to(self.device)
-        self.owner.reserve_host_memory(key_states)
-        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Store the new tokens (host K/V, device labels and window); return the new K/V only."""

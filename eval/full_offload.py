@@ -48,12 +48,6 @@ class FullOffloadLayer(HostStoredLayer):
 
     # -- transformers' layer interface ----------------------------------------------------------
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Take dtype and device from the first keys; reserve host memory for the whole cache."""
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.owner.reserve_host_memory(key_states)
-        self.is_initialized = True
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Store the new tokens on the host; return the whole K/V [B, H_kv, length, d] on the device."""
         if not self.is_initialized:
