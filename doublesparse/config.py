@@ -7,9 +7,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from .kernels.dispatch import BACKENDS
+
 LABEL_BITS = (16, 8, 4)
 SELECTIONS = ("group", "head")
-BACKENDS = ("auto", "torch", "triton")
 
 TokenBudget = Union[int, float]
 
@@ -34,7 +35,8 @@ class SparsityConfig:
     min_seq_len:   rows shorter than this attend densely.
     selection:     "group" = one selection per KV head, shared by its query heads;
                    "head" = one selection per query head, as in the paper.
-    backend:       "auto" (Triton on CUDA tensors, torch elsewhere), "torch" or "triton".
+    backend:       "auto" (Triton on CUDA tensors, the native CPU kernels on CPU tensors where a C
+                   compiler is found, torch elsewhere), "torch", "triton" or "cpu".
     simulate:      teacher-forced evaluation: every query row of a prefill selects its own top-k
                    among its past, equal row by row to decoding token by token.
 

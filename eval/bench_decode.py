@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from doublesparse.kernels.dispatch import BACKENDS
+
 HELP = "time end-to-end decode steps, dense vs Double Sparsity, on models built at real shapes (JSON, plot)"
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -51,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", default="synthetic", choices=("synthetic", "model"), help="how the cache is filled (default: synthetic)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="weights and cache dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"), help="kernel backend (default: auto)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend (default: auto)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs with --compile-mode reduce-overhead)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

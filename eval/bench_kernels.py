@@ -28,6 +28,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from doublesparse.kernels.dispatch import BACKENDS
+
 HELP = "time dense vs Double Sparsity decode attention: time, bytes moved, bandwidth (table, JSON, plot)"
 
 CPU_CONTEXTS = "4K,8K,16K,32K"
@@ -51,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selection", default="group", choices=("group", "head"), help="selection per KV group or per query head")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="K/V dtype (default: float16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"), help="kernel backend (default: auto)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend (default: auto)")
     parser.add_argument("--repeats", type=int, help="timed calls per method (default: 10 on CPU, 50 on CUDA)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per method first (default: 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -30,6 +30,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from doublesparse.kernels.dispatch import BACKENDS
+
 HELP = "time decode steps with K/V in host memory: Double Sparsity-Offload vs full-KV offload vs dense (JSON, plot)"
 
 METHODS = ("ds_offload", "full_offload", "dense")
@@ -57,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed decode steps first (default: 2)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="weights and cache dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"), help="ds_offload kernel backend (default: auto)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="ds_offload kernel backend (default: auto)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, caches and channels")
     parser.add_argument("--out-dir", default="./results/bench-offload", help="folder for bench_offload.json and .png")

@@ -1,8 +1,11 @@
 """One entry point per decode op; picks the Triton kernel or the torch reference.
 
-`backend="auto"` runs Triton on CUDA tensors and the torch reference elsewhere; `backend="triton"`
-on CPU runs the kernels under the Triton interpreter (TRITON_INTERPRET=1 set before import), which
-is how they are tested without a GPU.
+`backend="auto"` runs Triton on CUDA tensors, the native CPU kernels (cpu_decode.c, built at first
+use) on CPU tensors where a C compiler is found, and the torch references elsewhere.
+`backend="triton"` on CPU runs the kernels under the Triton interpreter (TRITON_INTERPRET=1 set
+before import), which is how they are tested without a GPU. `backend="cpu"` asks for the native
+kernels (label scores, selection and sparse attention; label append and dense attention have no
+native version and run their torch references).
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import torch
 
 from .dense_attention import dense_attention_reference, dense_attention_triton
 from .label_append import Labels, make_labels_reference, make_labels_triton
-from .label_scores import label_scores_reference, label_scores_triton
+from .label_scores import MAX_NATIVE_CHANNELS, label_scores_cpu, label_scores_reference, label_scores_triton
+from .native import native_available, native_error
 from .scratch import Scratch
-from .selection import select_tokens_reference
-from .sparse_attention import sparse_attention_reference, sparse_attention_triton
+from .selection import select_tokens_cpu, select_tokens_reference
+from .sparse_attention import sparse_attention_cpu, sparse_attention_cpu_supports, sparse_attention_reference, sparse_attention_triton
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 def triton_available() -> bool:
@@ -32,11 +36,18 @@ def triton_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'torch' or 'triton' for tensors on `device`."""
+    """'torch', 'triton' or 'cpu' for tensors on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "cpu" if device.type == "cpu" and native_available() else "torch"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' runs on CPU tensors, got {device.type}; use backend='auto' or 'triton'")
+        if not native_available():
+            raise ValueError(f"backend='cpu' needs the native kernels, which could not be built here; use backend='torch':\n{native_error()}")
     if backend == "triton" and not triton_available():
         raise ValueError("backend='triton' needs triton installed; use backend='torch' or 'auto'")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -64,8 +75,11 @@ def label_scores(
     scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
     """fp32 approximate scores [B, H_select, L, T] (see label_scores.py; `scratch` serves the torch path)."""
-    if resolve_backend(backend, q_labels.device) == "triton":
+    resolved = resolve_backend(backend, q_labels.device)
+    if resolved == "triton":
         return label_scores_triton(q_labels, labels, bits, scaling, num_select_heads)
+    if resolved == "cpu" and q_labels.shape[-1] <= MAX_NATIVE_CHANNELS:
+        return label_scores_cpu(q_labels, labels, bits, scaling, num_select_heads, scratch)
     return label_scores_reference(q_labels, labels, bits, scaling, num_select_heads, scratch)
 
 
@@ -80,9 +94,10 @@ def select_tokens(
     scratch: Optional[Scratch] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices [B, H, L, K], slot_valid [B, 1, L, K]) (see selection.py; `scratch` holds the temporaries)."""
-    # Both backends use the torch ops (topk): fixed shapes and no host synchronisation, so they are
-    # capturable in a CUDA graph; the benchmark reports selection time separately to show its share.
-    resolve_backend(backend, scores.device)
+    # On CUDA the torch ops (topk) serve both backends: fixed shapes and no host synchronisation, so
+    # they are capturable in a CUDA graph; the benchmark reports selection time separately.
+    if resolve_backend(backend, scores.device) == "cpu" and scores.shape[-1] < 2**32:
+        return select_tokens_cpu(scores, valid, budgets, sink_tokens, recent_tokens, max_budget, scratch)
     return select_tokens_reference(scores, valid, budgets, sink_tokens, recent_tokens, max_budget, scratch)
 
 
@@ -97,8 +112,11 @@ def sparse_attention(
     scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
     """Exact attention over the selected tokens: [B, H_q, L, d] (see sparse_attention.py; `scratch` serves the torch path)."""
-    if resolve_backend(backend, query.device) == "triton":
+    resolved = resolve_backend(backend, query.device)
+    if resolved == "triton":
         return sparse_attention_triton(query, keys, values, indices, slot_valid, scaling)
+    if resolved == "cpu" and sparse_attention_cpu_supports(query, keys, values, indices):
+        return sparse_attention_cpu(query, keys, values, indices, slot_valid, scaling, scratch)
     return sparse_attention_reference(query, keys, values, indices, slot_valid, scaling, scratch)
 
 

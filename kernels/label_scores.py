@@ -226,3 +226,58 @@ def label_scores_triton(
         BLOCK_L=block_l, BLOCK_T=block_tokens, BLOCK_C=block_c,
     )
     return scores
+
+
+_CODE_KINDS = {(16, torch.float16): 16, (16, torch.bfloat16): 17, (8, torch.uint8): 8, (4, torch.uint8): 4}
+MAX_NATIVE_CHANNELS = 256  # the C kernel's tile holds at most this many channels
+
+
+def label_scores_cpu(
+    q_labels: torch.Tensor,
+    labels: Labels,
+    bits: int,
+    scaling: float,
+    num_select_heads: Optional[int] = None,
+    scratch: Optional[Scratch] = None,
+) -> torch.Tensor:
+    """Native CPU label scores (cpu_decode.c): same result as `label_scores_reference`, one pass over the labels."""
+    from .native import native_error, native_library
+
+    lib = native_library()
+    if lib is None:
+        raise ValueError(f"the native CPU kernels could not be built here; use backend='torch':\n{native_error()}")
+    if bits not in (16, 8, 4):
+        raise ValueError(f"label bits must be 16, 8 or 4, got {bits}")
+    batch, num_q_heads, rows, num_channels = q_labels.shape
+    codes = labels.codes
+    num_label_heads, num_tokens = codes.shape[1], codes.shape[2]
+    heads = num_select_heads or num_q_heads
+    _check_heads(num_q_heads, num_label_heads, heads)
+    kind = _CODE_KINDS.get((bits, codes.dtype))
+    if kind is None or codes.device.type != "cpu" or q_labels.device.type != "cpu":
+        raise ValueError(f"native label scores take CPU labels of dtype fp16/bf16 (16-bit) or uint8 (8/4-bit), got {codes.dtype} on {codes.device}")
+    if num_channels > MAX_NATIVE_CHANNELS:
+        raise ValueError(f"native label scores take at most {MAX_NATIVE_CHANNELS} channels, got {num_channels}; use backend='torch'")
+    expected_width = num_channels // 2 if bits == 4 else num_channels
+    if codes.shape[3] != expected_width:
+        raise ValueError(f"labels hold {codes.shape[3]} code lanes, {bits}-bit labels of {num_channels} channels need {expected_width}")
+    scores = scratch_or_new(scratch, "scores_native", (batch, heads, rows, num_tokens), torch.float32, codes.device)
+    if scores.numel() == 0:
+        return scores
+    queries = q_labels.float().contiguous()
+    if codes.stride(3) != 1:
+        codes = codes.contiguous()
+    scale = offset = None
+    stat_strides = (0, 0)
+    if bits != 16:
+        scale, offset = labels.scale, labels.offset
+        if scale.stride() != offset.stride() or scale.stride(2) != 1 or scale.dtype != torch.float16 or offset.dtype != torch.float16:
+            scale, offset = scale.half().contiguous(), offset.half().contiguous()
+        stat_strides = scale.stride()[:2]
+    lib.doublesparse_label_scores(
+        queries.data_ptr(), codes.data_ptr(), *codes.stride()[:3],
+        scale.data_ptr() if scale is not None else None, offset.data_ptr() if offset is not None else None, *stat_strides,
+        scores.data_ptr(), batch, num_q_heads, num_label_heads, heads, rows, num_tokens, num_channels,
+        kind, float(scaling), torch.get_num_threads(),
+    )
+    return scores

@@ -9,7 +9,9 @@ Semantics (shared by every implementation and by the evaluation baselines):
   so a selection does not depend on how long the cache buffer is (exact ties are real: a token
   whose embedding is zero, such as a padding id, scores 0 against every key).
 Outputs have fixed shapes: `max_budget` slots per row; slots at or past the row's own budget are
-marked invalid. No host synchronisation is needed once `max_budget` is known.
+marked invalid, and their indices are unspecified (in range, possibly repeating a valid slot's), so
+consumers read indices through `slot_valid`. The order of the valid slots is unspecified too. No
+host synchronisation is needed once `max_budget` is known.
 """
 
 from __future__ import annotations
@@ -68,6 +70,48 @@ def select_tokens_reference(
     top = scratch_or_new(scratch, "select_top_keys", shape, torch.int64, scores.device)
     indices = scratch_or_new(scratch, "select_indices", shape, torch.int64, scores.device)
     torch.topk(keys, max_budget, dim=-1, sorted=True, out=(top, indices))
+    slots = torch.arange(max_budget, device=scores.device)
+    slot_valid = (slots < budgets[..., None])[:, None]
+    return indices, slot_valid
+
+
+def select_tokens_cpu(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    budgets: torch.Tensor,
+    sink_tokens: int,
+    recent_tokens: int,
+    max_budget: int,
+    scratch: Optional[Scratch] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native CPU selection (cpu_decode.c): the reference's token sets, one pass per row (radix select, no full topk).
+
+    Slots [0, budget) of a row hold the same tokens as the reference's, forced tokens first and the
+    rest in no particular order; the invalid slots repeat slot 0.
+    """
+    from .native import native_error, native_library
+
+    lib = native_library()
+    if lib is None:
+        raise ValueError(f"the native CPU kernels could not be built here; use backend='torch':\n{native_error()}")
+    batch, heads, rows, num_tokens = scores.shape
+    if scores.device.type != "cpu":
+        raise ValueError(f"native selection takes CPU tensors, got {scores.device}")
+    if num_tokens >= 2**32:
+        raise ValueError(f"native selection indexes at most 2^32 - 1 tokens, got {num_tokens}; use backend='torch'")
+    if valid.shape != (batch, rows, num_tokens) or budgets.shape != (batch, rows):
+        raise ValueError(f"valid must be [B, L, T] = {(batch, rows, num_tokens)} and budgets [B, L], got {tuple(valid.shape)} and {tuple(budgets.shape)}")
+    scores = scores.float().contiguous()
+    valid = valid.bool()
+    budgets = budgets.to(torch.int64).contiguous()
+    indices = scratch_or_new(scratch, "select_indices", (batch, heads, rows, max_budget), torch.int64, scores.device)
+    threads = max(1, min(torch.get_num_threads(), batch * heads * rows))
+    workspace = scratch_or_new(scratch, "select_workspace", (threads, 2, num_tokens), torch.int32, scores.device)
+    if indices.numel():
+        lib.doublesparse_select_tokens(
+            scores.data_ptr(), valid.data_ptr(), *valid.stride(), budgets.data_ptr(), indices.data_ptr(),
+            workspace.data_ptr(), batch, heads, rows, num_tokens, max_budget, sink_tokens, recent_tokens, threads,
+        )
     slots = torch.arange(max_budget, device=scores.device)
     slot_valid = (slots < budgets[..., None])[:, None]
     return indices, slot_valid

@@ -118,8 +118,11 @@ def _sparse_attention_per_query_head(query, keys, values, indices, slot_valid, s
 
 def selection_mask(indices: torch.Tensor, slot_valid: torch.Tensor, length: int) -> torch.Tensor:
     """Bool [B, H_select, L, T]: True where a row selected that key."""
-    mask = torch.zeros(*indices.shape[:-1], length, dtype=torch.bool, device=indices.device)
-    return mask.scatter_(-1, indices, slot_valid.expand_as(indices))
+    # Invalid slots may repeat a selected index (the native selection fills them so): they point at an
+    # extra column that is cut off, so their writes never race with a valid slot's.
+    slots = torch.where(slot_valid.expand_as(indices), indices, length)
+    mask = torch.zeros(*indices.shape[:-1], length + 1, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(-1, slots, True)[..., :length]
 
 
 def masked_attention_reference(
@@ -350,3 +353,57 @@ def sparse_attention_triton(
 ) -> torch.Tensor:
     """Triton sparse attention: same result as `sparse_attention_reference` ([B, H_q, L, d])."""
     return flash_decode_triton(query, keys, values, scaling, indices, slot_valid, out=out, num_splits=num_splits)
+
+
+_ROW_KINDS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 17}
+
+
+def sparse_attention_cpu_supports(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> bool:
+    """Whether `sparse_attention_cpu` takes these inputs (else the reference serves them)."""
+    num_q_heads, rows, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    num_kv_heads, num_select_heads = keys.shape[1], indices.shape[1]
+    per_select = num_q_heads // num_select_heads
+    return (
+        query.device.type == keys.device.type == values.device.type == "cpu"
+        and keys.dtype == values.dtype and keys.dtype in _ROW_KINDS
+        and keys.stride() == values.stride() and keys.stride(3) == 1
+        and num_select_heads % num_kv_heads == 0 and num_q_heads % num_select_heads == 0
+        and per_select <= 64 and per_select * head_dim <= 16384 and head_dim <= 1024
+    )
+
+
+def sparse_attention_cpu(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    slot_valid: torch.Tensor,
+    scaling: float,
+    scratch: Optional[Scratch] = None,
+) -> torch.Tensor:
+    """Native CPU sparse attention (cpu_decode.c): same result as the reference, selected rows read in place."""
+    from .native import native_error, native_library
+
+    lib = native_library()
+    if lib is None:
+        raise ValueError(f"the native CPU kernels could not be built here; use backend='torch':\n{native_error()}")
+    if not sparse_attention_cpu_supports(query, keys, values, indices):
+        raise ValueError(
+            "native sparse attention takes CPU K/V of one dtype (fp32/fp16/bf16) with the same strides and contiguous "
+            "rows, whole KV heads per selection head and at most 64 query heads per selection; use backend='torch'"
+        )
+    batch, num_q_heads, rows, head_dim = query.shape
+    num_select_heads, slots = indices.shape[1], indices.shape[-1]
+    queries = query.float().contiguous()
+    index = indices.to(torch.int64).contiguous()
+    keep = slot_valid.to(torch.bool).expand(batch, num_select_heads, rows, slots)
+    per_select = num_q_heads // num_select_heads
+    weights = scratch_or_new(scratch, "attend_weights", (batch, num_select_heads, rows, per_select, slots), torch.float32, query.device)
+    out = scratch_or_new(scratch, "attend_out", (batch, num_q_heads, rows, head_dim), torch.float32, query.device)
+    if out.numel():
+        lib.doublesparse_sparse_attention(
+            queries.data_ptr(), keys.data_ptr(), values.data_ptr(), *keys.stride()[:3], index.data_ptr(), keep.data_ptr(),
+            *keep.stride(), weights.data_ptr(), out.data_ptr(), batch, num_q_heads, keys.shape[1], num_select_heads,
+            rows, slots, head_dim, _ROW_KINDS[keys.dtype], float(scaling), torch.get_num_threads(),
+        )
+    return out.to(query.dtype)
