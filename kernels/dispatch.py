@@ -4,8 +4,8 @@
 use) on CPU tensors where a C compiler is found, and the torch references elsewhere.
 `backend="triton"` on CPU runs the kernels under the Triton interpreter (TRITON_INTERPRET=1 set
 before import), which is how they are tested without a GPU. `backend="cpu"` asks for the native
-kernels (label scores, selection and sparse attention; label append and dense attention have no
-native version and run their torch references).
+kernels (label scores of 4-bit labels, selection and sparse attention; the other ops run their
+torch references).
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def label_scores(
     resolved = resolve_backend(backend, q_labels.device)
     if resolved == "triton":
         return label_scores_triton(q_labels, labels, bits, scaling, num_select_heads)
-    if resolved == "cpu" and q_labels.shape[-1] <= MAX_NATIVE_CHANNELS:
+    # Native scores pay off for 4-bit labels (no float copy of the unpacked nibbles); 8- and 16-bit
+    # labels are one torch matmul, which measured faster than the native loop (bench kernels).
+    if resolved == "cpu" and bits == 4 and q_labels.shape[-1] <= MAX_NATIVE_CHANNELS:
         return label_scores_cpu(q_labels, labels, bits, scaling, num_select_heads, scratch)
     return label_scores_reference(q_labels, labels, bits, scaling, num_select_heads, scratch)
 
