@@ -1,9 +1,10 @@
-/* Decode-step kernels for CPU tensors: label scores and top-k token selection.
+/* Decode-step kernels for CPU tensors: label scores, top-k token selection and sparse attention.
  *
  * The torch references (label_scores.py, selection.py) express these as several whole-tensor
  * passes (unpacking nibbles to a float copy of the labels, 64-bit ranking keys, masked fills, a full
- * topk). On a CPU each pass streams megabytes through memory; here each row is scored and selected
- * in one pass over its labels, with the temporaries in cache-sized tiles. Semantics are the
+ * topk, a gathered copy of the selected K/V rows). On a CPU each pass streams megabytes through memory;
+ * here each row is scored and selected with a few passes over cache-resident data, and attends its
+ * selected rows where they lie. Semantics are the
  * references' exactly (see their docstrings); only the order of the selected slots differs.
  *
  * Built at first use by native.py (cc -O3 -march=native -fopenmp) and called through ctypes, which
@@ -18,8 +19,6 @@
 #include <string.h>
 
 #define ABI_VERSION 1
-
-enum { CODES_4BIT = 4, CODES_8BIT = 8, CODES_F16 = 16, CODES_BF16 = 17 };
 
 /* Tokens scored per tile (their dot products stay in L1). */
 #define TILE 128
@@ -54,20 +53,20 @@ static void parallel_for(range_fn fn, void *args, int64_t n, int num_threads) {
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Label scores. score[b, s, l, t] = max over the query heads h of selection head s of
+ * Label scores of 4-bit labels. score[b, s, l, t] = max over the query heads h of selection head s of
  *   scaling * (scale[b, g, t] * (q[b, h, l] . code[b, g, t]) + offset[b, g, t] * sum(q[b, h, l]))
- * with g = h / (H_q / H_label); 16-bit labels have no scale and offset (code = label). */
+ * with g = h / (H_q / H_label). (8- and 16-bit labels need no unpacking: torch scores them with one
+ * matmul, faster than a loop here.) */
 
 typedef struct {
     const float *q;           /* [B, H_q, L, r], contiguous */
-    const uint8_t *codes;     /* [B, H_label, T, width] elements of `kind`, last dim contiguous */
-    int64_t code_stride_b, code_stride_h, code_stride_t; /* in elements */
-    const _Float16 *scale;    /* [B, H_label, T] (strides below; t contiguous) or NULL */
+    const uint8_t *codes;     /* [B, H_label, T, r / 2] packed nibbles, last dim contiguous */
+    int64_t code_stride_b, code_stride_h, code_stride_t;
+    const _Float16 *scale;    /* [B, H_label, T] (strides below; t contiguous) */
     const _Float16 *offset;
     int64_t stat_stride_b, stat_stride_h;
     float *out;               /* [B, H_select, L, T], contiguous */
     int64_t batch, q_heads, label_heads, select_heads, rows, tokens, channels;
-    int kind;
     float scaling;
 } score_args;
 
@@ -79,52 +78,33 @@ static inline float bf16_to_float(uint16_t bits) {
 }
 
 /* Byte tables: for code lane j, table[j][v] = the lane's share of q . code when its byte is v
- * (both nibbles for 4-bit codes). A token's dot product is then `width` independent table loads,
- * where unpacking nibbles to floats would cost more than the arithmetic it feeds. */
+ * (both nibbles). A token's dot product is then `width` independent table loads, where unpacking
+ * nibbles to floats would cost more than the arithmetic it feeds. */
 #define MAX_TABLE_LANES 32
 
-static void build_tables(const float *q, int64_t width, int kind, float *table) {
+static void build_tables(const float *q, int64_t width, float *table) {
     for (int64_t j = 0; j < width; j++) {
-        float *lane = table + j * 256;
-        if (kind == CODES_4BIT) {
-            const float even = q[2 * j], odd = q[2 * j + 1];
-            for (int v = 0; v < 256; v++) lane[v] = even * (float)(v & 0x0F) + odd * (float)(v >> 4);
-        } else {
-            for (int v = 0; v < 256; v++) lane[v] = q[j] * (float)v;
-        }
+        const float even = q[2 * j], odd = q[2 * j + 1];
+        for (int v = 0; v < 256; v++) table[j * 256 + v] = even * (float)(v & 0x0F) + odd * (float)(v >> 4);
     }
 }
 
-/* q . code for `n` tokens from `codes` (token stride `st` elements) into dot[]. Lanes outer, tokens
+/* q . code for `n` tokens from `codes` (token stride `st` bytes) into dot[]. Lanes outer, tokens
  * inner: every token accumulates independently, so the adds do not wait on each other. */
 static void dot_tokens(const score_args *a, const float *q, const float *table, const uint8_t *codes, int64_t n, float *dot) {
-    const int64_t r = a->channels, st = a->code_stride_t;
+    const int64_t width = a->channels / 2, st = a->code_stride_t;
     for (int64_t t = 0; t < n; t++) dot[t] = 0.0f;
-    if (a->kind == CODES_F16) {
-        const _Float16 *half = (const _Float16 *)codes;
-        for (int64_t c = 0; c < r; c++)
-            for (int64_t t = 0; t < n; t++) dot[t] += q[c] * (float)half[t * st + c];
-    } else if (a->kind == CODES_BF16) {
-        const uint16_t *bf = (const uint16_t *)codes;
-        for (int64_t c = 0; c < r; c++)
-            for (int64_t t = 0; t < n; t++) dot[t] += q[c] * bf16_to_float(bf[t * st + c]);
-    } else if (table != NULL) {
-        const int64_t width = a->kind == CODES_4BIT ? r / 2 : r;
+    if (table != NULL) {
         for (int64_t j = 0; j < width; j++) {
             const float *lane = table + j * 256;
             for (int64_t t = 0; t < n; t++) dot[t] += lane[codes[t * st + j]];
         }
-    } else if (a->kind == CODES_4BIT) { /* too many lanes for the tables to stay in cache */
-        for (int64_t j = 0; j < r / 2; j++)
+    } else { /* too many lanes for the tables to stay in cache */
+        for (int64_t j = 0; j < width; j++)
             for (int64_t t = 0; t < n; t++)
                 dot[t] += q[2 * j] * (float)(codes[t * st + j] & 0x0F) + q[2 * j + 1] * (float)(codes[t * st + j] >> 4);
-    } else {
-        for (int64_t c = 0; c < r; c++)
-            for (int64_t t = 0; t < n; t++) dot[t] += q[c] * (float)codes[t * st + c];
     }
 }
-
-static int64_t code_bytes(int kind) { return kind == CODES_4BIT || kind == CODES_8BIT ? 1 : 2; }
 
 static void score_range(void *p, int64_t begin, int64_t end, int thread) {
     (void)thread;
@@ -133,10 +113,7 @@ static void score_range(void *p, int64_t begin, int64_t end, int thread) {
     const int64_t chunks = (T + CHUNK - 1) / CHUNK;
     const int64_t per_label = a->q_heads / a->label_heads;
     const int64_t per_select = a->q_heads / a->select_heads;
-    const int quantized = a->kind == CODES_4BIT || a->kind == CODES_8BIT;
-    const int64_t width = a->kind == CODES_4BIT ? r / 2 : r;
-    const int use_tables = quantized && width <= MAX_TABLE_LANES;
-    const int64_t elem = code_bytes(a->kind);
+    const int use_tables = r / 2 <= MAX_TABLE_LANES;
     float tables[MAX_TABLE_LANES * 256];
     float dot[TILE];
     for (int64_t item = begin; item < end; item++) {
@@ -152,16 +129,14 @@ static void score_range(void *p, int64_t begin, int64_t end, int thread) {
             const float *q = a->q + ((b * a->q_heads + h) * a->rows + l) * r;
             float q_sum = 0.0f;
             for (int64_t c = 0; c < r; c++) q_sum += q[c];
-            if (use_tables) build_tables(q, width, a->kind, tables);
-            const uint8_t *codes = a->codes + (b * a->code_stride_b + g * a->code_stride_h) * elem;
+            if (use_tables) build_tables(q, r / 2, tables);
+            const uint8_t *codes = a->codes + b * a->code_stride_b + g * a->code_stride_h;
             const int64_t stats = b * a->stat_stride_b + g * a->stat_stride_h;
             for (int64_t t0 = chunk * CHUNK; t0 < t_end; t0 += TILE) {
                 const int64_t n = t_end - t0 < TILE ? t_end - t0 : TILE;
-                dot_tokens(a, q, use_tables ? tables : NULL, codes + t0 * a->code_stride_t * elem, n, dot);
-                if (quantized) {
-                    const _Float16 *scale = a->scale + stats + t0, *offset = a->offset + stats + t0;
-                    for (int64_t t = 0; t < n; t++) dot[t] = (float)scale[t] * dot[t] + (float)offset[t] * q_sum;
-                }
+                dot_tokens(a, q, use_tables ? tables : NULL, codes + t0 * a->code_stride_t, n, dot);
+                const _Float16 *scale = a->scale + stats + t0, *offset = a->offset + stats + t0;
+                for (int64_t t = 0; t < n; t++) dot[t] = (float)scale[t] * dot[t] + (float)offset[t] * q_sum;
                 float *best = out + t0;
                 if (h == s * per_select) {
                     for (int64_t t = 0; t < n; t++) best[t] = dot[t] * a->scaling;
@@ -180,9 +155,9 @@ void doublesparse_label_scores(
     const float *q, const uint8_t *codes, int64_t code_stride_b, int64_t code_stride_h, int64_t code_stride_t,
     const _Float16 *scale, const _Float16 *offset, int64_t stat_stride_b, int64_t stat_stride_h, float *out,
     int64_t batch, int64_t q_heads, int64_t label_heads, int64_t select_heads, int64_t rows, int64_t tokens,
-    int64_t channels, int kind, float scaling, int num_threads) {
+    int64_t channels, float scaling, int num_threads) {
     score_args a = {q, codes, code_stride_b, code_stride_h, code_stride_t, scale, offset, stat_stride_b, stat_stride_h,
-                    out, batch, q_heads, label_heads, select_heads, rows, tokens, channels, kind, scaling};
+                    out, batch, q_heads, label_heads, select_heads, rows, tokens, channels, scaling};
     const int64_t chunks = (tokens + CHUNK - 1) / CHUNK;
     parallel_for(score_range, &a, batch * select_heads * rows * chunks, num_threads);
 }

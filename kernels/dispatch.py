@@ -17,8 +17,8 @@ import torch
 
 from .dense_attention import dense_attention_reference, dense_attention_triton
 from .label_append import Labels, make_labels_reference, make_labels_triton
-from .label_scores import MAX_NATIVE_CHANNELS, label_scores_cpu, label_scores_reference, label_scores_triton
-from .native import native_available, native_error
+from .label_scores import label_scores_cpu, label_scores_reference, label_scores_triton
+from .native import native_available, require_library
 from .scratch import Scratch
 from .selection import select_tokens_cpu, select_tokens_reference
 from .sparse_attention import sparse_attention_cpu, sparse_attention_cpu_supports, sparse_attention_reference, sparse_attention_triton
@@ -46,8 +46,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' runs on CPU tensors, got {device.type}; use backend='auto' or 'triton'")
-        if not native_available():
-            raise ValueError(f"backend='cpu' needs the native kernels, which could not be built here; use backend='torch':\n{native_error()}")
+        require_library()
     if backend == "triton" and not triton_available():
         raise ValueError("backend='triton' needs triton installed; use backend='torch' or 'auto'")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -78,9 +77,9 @@ def label_scores(
     resolved = resolve_backend(backend, q_labels.device)
     if resolved == "triton":
         return label_scores_triton(q_labels, labels, bits, scaling, num_select_heads)
-    # Native scores pay off for 4-bit labels (no float copy of the unpacked nibbles); 8- and 16-bit
-    # labels are one torch matmul, which measured faster than the native loop (bench kernels).
-    if resolved == "cpu" and bits == 4 and q_labels.shape[-1] <= MAX_NATIVE_CHANNELS:
+    # Native scores exist for 4-bit labels (no float copy of the unpacked nibbles); 8- and 16-bit
+    # labels are one torch matmul, which measured faster than a native loop did (bench kernels).
+    if resolved == "cpu" and bits == 4:
         return label_scores_cpu(q_labels, labels, bits, scaling, num_select_heads, scratch)
     return label_scores_reference(q_labels, labels, bits, scaling, num_select_heads, scratch)
 

@@ -92,6 +92,14 @@ def label_scores_reference(
     return scores
 
 
+def _code_width(codes: torch.Tensor, bits: int, num_channels: int) -> int:
+    """Code lanes per label (r, or r / 2 packed nibbles); ValueError if the labels hold another width."""
+    width = num_channels // 2 if bits == 4 else num_channels
+    if codes.shape[3] != width:
+        raise ValueError(f"labels hold {codes.shape[3]} code lanes, {bits}-bit labels of {num_channels} channels need {width}")
+    return width
+
+
 def _as_float(tensor: torch.Tensor, scratch: Optional[Scratch], name: str) -> torch.Tensor:
     if tensor.dtype == torch.float32:
         return tensor
@@ -195,9 +203,7 @@ def label_scores_triton(
     per_select = num_q_heads // heads
     if per_select > per_label and per_select % per_label:
         raise ValueError(f"a selection head of {per_select} query heads must cover whole label heads of {per_label}")
-    expected_width = num_channels // 2 if bits == 4 else num_channels
-    if codes.shape[3] != expected_width:
-        raise ValueError(f"labels hold {codes.shape[3]} code lanes, {bits}-bit labels of {num_channels} channels need {expected_width}")
+    expected_width = _code_width(codes, bits, num_channels)
     if out is None:
         scores = torch.empty(batch, heads, rows, num_tokens, dtype=torch.float32, device=q_labels.device)
     elif out.shape != (batch, heads, rows, num_tokens) or out.dtype != torch.float32:
@@ -228,10 +234,6 @@ def label_scores_triton(
     return scores
 
 
-_CODE_KINDS = {(16, torch.float16): 16, (16, torch.bfloat16): 17, (8, torch.uint8): 8, (4, torch.uint8): 4}
-MAX_NATIVE_CHANNELS = 256  # the C kernel's tile holds at most this many channels
-
-
 def label_scores_cpu(
     q_labels: torch.Tensor,
     labels: Labels,
@@ -240,44 +242,32 @@ def label_scores_cpu(
     num_select_heads: Optional[int] = None,
     scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
-    """Native CPU label scores (cpu_decode.c): same result as `label_scores_reference`, one pass over the labels."""
-    from .native import native_error, native_library
+    """Native CPU scores of 4-bit labels (cpu_decode.c): same result as `label_scores_reference`, no unpacked copy."""
+    from .native import require_library  # the library is built on first use, not at import
 
-    lib = native_library()
-    if lib is None:
-        raise ValueError(f"the native CPU kernels could not be built here; use backend='torch':\n{native_error()}")
-    if bits not in (16, 8, 4):
-        raise ValueError(f"label bits must be 16, 8 or 4, got {bits}")
+    lib = require_library()
+    if bits != 4:
+        raise ValueError(f"native label scores take 4-bit labels, got {bits}-bit ones; 8- and 16-bit labels run label_scores_reference")
     batch, num_q_heads, rows, num_channels = q_labels.shape
     codes = labels.codes
     num_label_heads, num_tokens = codes.shape[1], codes.shape[2]
     heads = num_select_heads or num_q_heads
     _check_heads(num_q_heads, num_label_heads, heads)
-    kind = _CODE_KINDS.get((bits, codes.dtype))
-    if kind is None or codes.device.type != "cpu" or q_labels.device.type != "cpu":
-        raise ValueError(f"native label scores take CPU labels of dtype fp16/bf16 (16-bit) or uint8 (8/4-bit), got {codes.dtype} on {codes.device}")
-    if num_channels > MAX_NATIVE_CHANNELS:
-        raise ValueError(f"native label scores take at most {MAX_NATIVE_CHANNELS} channels, got {num_channels}; use backend='torch'")
-    expected_width = num_channels // 2 if bits == 4 else num_channels
-    if codes.shape[3] != expected_width:
-        raise ValueError(f"labels hold {codes.shape[3]} code lanes, {bits}-bit labels of {num_channels} channels need {expected_width}")
+    if codes.dtype != torch.uint8 or codes.device.type != "cpu" or q_labels.device.type != "cpu":
+        raise ValueError(f"native label scores take uint8 codes on the CPU, got {codes.dtype} on {codes.device}")
+    _code_width(codes, bits, num_channels)
     scores = scratch_or_new(scratch, "scores_native", (batch, heads, rows, num_tokens), torch.float32, codes.device)
     if scores.numel() == 0:
         return scores
     queries = q_labels.float().contiguous()
     if codes.stride(3) != 1:
         codes = codes.contiguous()
-    scale = offset = None
-    stat_strides = (0, 0)
-    if bits != 16:
-        scale, offset = labels.scale, labels.offset
-        if scale.stride() != offset.stride() or scale.stride(2) != 1 or scale.dtype != torch.float16 or offset.dtype != torch.float16:
-            scale, offset = scale.half().contiguous(), offset.half().contiguous()
-        stat_strides = scale.stride()[:2]
+    scale, offset = labels.scale, labels.offset
+    if scale.stride() != offset.stride() or scale.stride(2) != 1 or scale.dtype != torch.float16 or offset.dtype != torch.float16:
+        scale, offset = scale.half().contiguous(), offset.half().contiguous()
     lib.doublesparse_label_scores(
-        queries.data_ptr(), codes.data_ptr(), *codes.stride()[:3],
-        scale.data_ptr() if scale is not None else None, offset.data_ptr() if offset is not None else None, *stat_strides,
+        queries.data_ptr(), codes.data_ptr(), *codes.stride()[:3], scale.data_ptr(), offset.data_ptr(), *scale.stride()[:2],
         scores.data_ptr(), batch, num_q_heads, num_label_heads, heads, rows, num_tokens, num_channels,
-        kind, float(scaling), torch.get_num_threads(),
+        float(scaling), torch.get_num_threads(),
     )
     return scores

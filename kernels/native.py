@@ -80,7 +80,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.doublesparse_abi_version.restype = i32
     lib.doublesparse_label_scores.restype = None
-    lib.doublesparse_label_scores.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr] + [i64] * 7 + [i32, f32, i32]
+    lib.doublesparse_label_scores.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr] + [i64] * 7 + [f32, i32]
     lib.doublesparse_select_tokens.restype = None
     lib.doublesparse_select_tokens.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr] + [i64] * 7 + [i32]
     lib.doublesparse_sparse_attention.restype = None
@@ -111,6 +111,14 @@ def native_library() -> Optional[ctypes.CDLL]:
 def native_available() -> bool:
     """Whether the native CPU kernels can run here."""
     return native_library() is not None
+
+
+def require_library() -> ctypes.CDLL:
+    """The loaded library, or a ValueError that says why it is missing and what to use instead."""
+    lib = native_library()
+    if lib is None:
+        raise ValueError(f"the native CPU kernels could not be built here; use backend='torch':\n{native_error()}")
+    return lib
 
 
 def native_error() -> str:

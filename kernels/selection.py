@@ -89,11 +89,9 @@ def select_tokens_cpu(
     Slots [0, budget) of a row hold the same tokens as the reference's, forced tokens first and the
     rest in no particular order; the invalid slots repeat slot 0.
     """
-    from .native import native_error, native_library
+    from .native import require_library  # the library is built on first use, not at import
 
-    lib = native_library()
-    if lib is None:
-        raise ValueError(f"the native CPU kernels could not be built here; use backend='torch':\n{native_error()}")
+    lib = require_library()
     batch, heads, rows, num_tokens = scores.shape
     if scores.device.type != "cpu":
         raise ValueError(f"native selection takes CPU tensors, got {scores.device}")

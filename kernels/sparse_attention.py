@@ -382,11 +382,9 @@ def sparse_attention_cpu(
     scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
     """Native CPU sparse attention (cpu_decode.c): same result as the reference, selected rows read in place."""
-    from .native import native_error, native_library
+    from .native import require_library  # the library is built on first use, not at import
 
-    lib = native_library()
-    if lib is None:
-        raise ValueError(f"the native CPU kernels could not be built here; use backend='torch':\n{native_error()}")
+    lib = require_library()
     if not sparse_attention_cpu_supports(query, keys, values, indices):
         raise ValueError(
             "native sparse attention takes CPU K/V of one dtype (fp32/fp16/bf16) with the same strides and contiguous "
