@@ -17,7 +17,8 @@ import torch
 
 from doublesparse.channels import KINDS, ChannelMask, rank_statistic
 from doublesparse.layout import HeadLayout
-from doublesparse.patch import STATE_ATTRIBUTE, attention_modules, check_supported
+from doublesparse.patch import is_patched
+from doublesparse.support import attention_modules, check_supported
 
 from .capture import capturing
 from .data import calibration_blocks
@@ -115,7 +116,7 @@ def check_model(model: torch.nn.Module) -> tuple[HeadLayout, list[torch.nn.Modul
     config = getattr(model, "config", None)
     if config is None or not isinstance(model, torch.nn.Module):
         raise ValueError(f"calibration needs a transformers model, got {type(model).__name__}")
-    if getattr(model, STATE_ATTRIBUTE, None) is not None:
+    if is_patched(model):
         raise ValueError("this model is patched by doublesparse: call doublesparse.remove(model) before calibrating")
     layout = HeadLayout.from_config(config)
     check_supported(model, layout)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from transformers.cache_utils import StaticCache
 
-from .patch import STATE_ATTRIBUTE, make_cache
+from .patch import is_patched, make_cache
 
 
 @dataclass
@@ -42,7 +42,7 @@ class StaticDecoder:
 
     def new_cache(self):
         """A fresh preallocated cache: with labels for a patched model, transformers' own otherwise."""
-        if getattr(self.model, STATE_ATTRIBUTE, None) is not None:
+        if is_patched(self.model):
             return make_cache(self.model, self.max_cache_len)
         return StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
 

@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
-    from doublesparse.attention import row_budgets
+    from doublesparse.policy import row_budgets
     from doublesparse.config import SparsityConfig
     from doublesparse.kernels import dispatch
     from doublesparse.kernels.label_append import label_bytes_per_token

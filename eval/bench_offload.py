@@ -291,12 +291,12 @@ def _new_cache(method: str, model, max_len: int, batch: int) -> Any:
     """An empty cache of `method` for `max_len` tokens; ValueError where host memory cannot hold the offloaded K/V."""
     from transformers import StaticCache
 
-    from doublesparse.offload import make_offload_cache
+    from doublesparse import make_cache
 
     from .full_offload import make_full_offload_cache
 
     if method == "ds_offload":
-        return make_offload_cache(model, max_len, batch)
+        return make_cache(model, max_len, batch_size=batch)
     if method == "full_offload":
         return make_full_offload_cache(model, max_len, batch)
     return StaticCache(config=model.config, max_cache_len=max_len)

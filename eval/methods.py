@@ -34,13 +34,14 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 import doublesparse
-from doublesparse.attention import dense_attention, row_budgets, valid_keys
+from doublesparse.policy import row_budgets, valid_keys
+from doublesparse.step import dense_attention
 from doublesparse.channels import ChannelMask
 from doublesparse.config import SparsityConfig
 from doublesparse.kernels.selection import select_tokens_reference
 from doublesparse.kernels.sparse_attention import selection_mask
 from doublesparse.layout import HeadLayout
-from doublesparse.patch import attention_modules, check_supported
+from doublesparse.support import attention_modules, check_supported
 
 EVAL_ATTENTION_NAME = "doublesparse_eval"
 EVAL_PLAN_ATTRIBUTE = "_doublesparse_eval_plan"

@@ -127,7 +127,6 @@ def run(args: argparse.Namespace) -> int:
 
     import doublesparse as ds
     from doublesparse.channels import atomic_write
-    from doublesparse.offload import make_offload_cache
     from doublesparse.provenance import provenance
 
     from .model_source import BUNDLED, TINY_RANDOM, calibrate_channels, load_channel_mask, resolve_model, shipped_mask_path
@@ -177,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad(), ds.patched(model, mask, config):
         for prompt, answer in tqdm(prompts, desc="recall", disable=args.no_progress):
             input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-            cache = make_offload_cache(model, measure_recall=True)
+            cache = ds.make_cache(model, measure_recall=True)
             generated = greedy_decode(model, input_ids, cache, args.steps)
             report = cache.prefetch_report()
             per_prompt.append({

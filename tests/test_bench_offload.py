@@ -48,7 +48,7 @@ def test_bench_offload_writes_json_and_plot(tmp_path):
 
 
 def test_bench_offload_skips_methods_host_memory_cannot_hold(tmp_path, monkeypatch):
-    monkeypatch.setattr(offload, "available_host_memory", lambda: 4096)
+    monkeypatch.setattr(offload.host_memory, "available_host_memory", lambda: 4096)
     assert main([*TINY_RUN, "--batch", "1", "--no-plot", "--out-dir", str(tmp_path)]) == 0
     rows = {r["method"]: r for r in json.loads((tmp_path / "bench_offload.json").read_text())["rows"]}
     assert "host memory" in rows["ds_offload"]["skipped"] and "host memory" in rows["full_offload"]["skipped"]

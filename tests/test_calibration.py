@@ -8,7 +8,7 @@ from doublesparse.calibration import calibrate, calibrate_blocks
 from doublesparse.calibration.capture import RECORDER_ATTRIBUTE
 from doublesparse.calibration.statistics import ChannelStatistics
 from doublesparse.channels import ChannelMask
-from doublesparse.patch import attention_modules
+from doublesparse.support import attention_modules
 from tiny_models import ARCHITECTURES, tiny_model
 from tiny_tokenizer import sample_texts, tiny_tokenizer
 

@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import torch
 
-import doublesparse.attention as ds_attention
+import doublesparse.label_attention as ds_attention
 from doublesparse import SparsityConfig
 from doublesparse.eval import methods
 from doublesparse.kernels.sparse_attention import selection_mask

@@ -7,8 +7,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import doublesparse as ds
 from doublesparse import offload
+from doublesparse.offload import attention as offload_step
+from doublesparse.offload import host_memory
 from doublesparse.kernels.host_gather import host_gather_reference, host_gather_triton
-from doublesparse.patch import attention_modules
+from doublesparse.support import attention_modules
 from tiny_models import ARCHITECTURES, left_padded_batch, random_channel_mask, tiny_model
 
 
@@ -82,13 +84,13 @@ def test_beam_search_reorders_the_offloaded_store():
 def test_prediction_keeps_outputs_finite_current_token_attended_and_reports_recall(monkeypatch):
     model = tiny_model("llama", num_layers=4)
     calls = []
-    original = offload.sparse_attention
+    original = offload_step.sparse_attention
 
     def spy(query, keys, values, indices, slot_valid, scaling, backend):
         calls.append(slot_valid.clone())
         return original(query, keys, values, indices, slot_valid, scaling, backend)
 
-    monkeypatch.setattr(offload, "sparse_attention", spy)
+    monkeypatch.setattr(offload_step, "sparse_attention", spy)
     config = BASE.replace(offload=True, prefetch=True, prefetch_warmup_steps=2, prefetch_min_recall=0.0)
     _, logits, cache = generate(model, config, steps=8)
     assert torch.isfinite(logits).all()
@@ -183,7 +185,7 @@ def test_a_context_host_memory_cannot_hold_fails_before_decoding():
     input_ids, _ = left_padded_batch([12], seed=2)
     with torch.no_grad(), ds.patched(model, random_channel_mask(model), config):
         with pytest.raises(ValueError, match="host_memory_limit"):
-            offload.make_offload_cache(model, max_cache_len=100_000, batch_size=1)
+            ds.make_cache(model, max_cache_len=100_000, batch_size=1)
         cache = ds.make_cache(model, max_cache_len=100_000)
         with pytest.raises(ValueError, match="max_cache_len"):
             model(input_ids=input_ids, past_key_values=cache)
@@ -201,14 +203,14 @@ def test_a_context_host_memory_cannot_hold_fails_before_decoding():
 def test_pinned_stores_are_budgeted_as_the_pinned_allocator_rounds_them(monkeypatch):
     # torch's caching pinned allocator rounds sizes up to a power of two: a 100-token store of 48-byte
     # rows (4800 bytes) really takes 8192, and the host check must refuse what would not fit so.
-    monkeypatch.setattr(offload, "pinned_host_stores", lambda: True)
+    monkeypatch.setattr(host_memory, "pinned_host_stores", lambda: True)
     assert offload.host_store_bytes(100, 48) == 8192
     assert offload.host_store_bytes(100, 48, pinned=False) == 4800
     assert offload.host_kv_bytes(3, 1, 3, 4, 100, torch.float32) == 2 * 3 * 8192
     budget = offload.HostMemoryBudget(limit=2 * 3 * 8192 - 1)
     with pytest.raises(ValueError, match="host_memory_limit"):
         budget.reserve({i: offload.host_kv_bytes(1, 1, 3, 4, 100, torch.float32) for i in range(3)}, "three layers")
-    monkeypatch.setattr(offload, "pinned_host_stores", lambda: False)
+    monkeypatch.setattr(host_memory, "pinned_host_stores", lambda: False)
     assert offload.host_kv_bytes(3, 1, 3, 4, 100, torch.float32) == 2 * 3 * 4800
 
 
