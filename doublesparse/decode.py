@@ -30,7 +30,16 @@ class DecodeResult:
 class StaticDecoder:
     """Greedy decoder over a preallocated cache of `max_cache_len` tokens (prompt + new tokens)."""
 
-    def __init__(self, model: torch.nn.Module, max_cache_len: int, *, compile: bool = False, compile_mode: Optional[str] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        max_cache_len: int,
+        *,
+        compile: bool = False,
+        compile_mode: Optional[str] = None,
+        compile_backend: str = "inductor",
+        fullgraph: bool = False,
+    ):
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 2:
             raise ValueError(f"max_cache_len must be an int >= 2, got {max_cache_len!r}")
         self.model = model
@@ -38,7 +47,11 @@ class StaticDecoder:
         self._step: Callable = self._decode_step
         self._cache_position: Optional[torch.Tensor] = None
         if compile:
-            self._step = torch.compile(self._decode_step, mode=compile_mode, dynamic=False)
+            # compile_backend="aot_eager" traces the step as inductor would see it without generating code
+            # (seconds instead of a minute on a CPU); fullgraph=True makes any graph break an error.
+            self._step = torch.compile(
+                self._decode_step, mode=compile_mode, dynamic=False, backend=compile_backend, fullgraph=fullgraph
+            )
 
     def new_cache(self):
         """A fresh preallocated cache: with labels for a patched model, transformers' own otherwise."""
