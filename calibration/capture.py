@@ -40,7 +40,11 @@ def capture_attention(
 
 
 @contextlib.contextmanager
-def capturing(model: torch.nn.Module, modules: Sequence[torch.nn.Module], statistics: ChannelStatistics) -> Iterator[None]:
-    """Within the block, every forward of `model` adds to `statistics`; on exit (also on error) the model is restored."""
-    with attention_patched(model, CAPTURE_NAME, capture_attention, RECORDER_ATTRIBUTE, dict.fromkeys(modules, statistics)):
+def capturing(
+    model: torch.nn.Module, modules: Sequence[torch.nn.Module], statistics: ChannelStatistics
+) -> Iterator[None]:
+    """Within the block, every forward of `model` adds to `statistics`; restored on exit (also on error)."""
+    with attention_patched(
+        model, CAPTURE_NAME, capture_attention, RECORDER_ATTRIBUTE, dict.fromkeys(modules, statistics)
+    ):
         yield

@@ -105,13 +105,17 @@ class DoubleSparseCache(DynamicCache):
     is called with no cache or with an empty one (as `generate` does).
     """
 
-    def __init__(self, model_config: Any, layer_channels: dict[int, torch.Tensor], label_bits: int, backend: str = "auto"):
+    def __init__(
+        self, model_config: Any, layer_channels: dict[int, torch.Tensor], label_bits: int, backend: str = "auto"
+    ):
         # transformers picks each layer's kind (full, sliding, chunked) from the config; only full
         # attention layers that Double Sparsity serves are swapped for label layers.
         super().__init__(config=model_config)
         for index, channels in layer_channels.items():
             if type(self.layers[index]) is not DynamicLayer:
-                raise ValueError(f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers get labels")
+                raise ValueError(
+                    f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers get labels"
+                )
             self.layers[index] = LabelCacheLayer(channels, label_bits, backend)
 
     def labels(self, layer_idx: int) -> Optional[Labels]:
@@ -126,7 +130,10 @@ class DoubleSparseCache(DynamicCache):
             if hasattr(layer, "memory"):
                 part = layer.memory()
             else:
-                part = {"keys": _nbytes(getattr(layer, "keys", None)), "values": _nbytes(getattr(layer, "values", None))}
+                part = {
+                    "keys": _nbytes(getattr(layer, "keys", None)),
+                    "values": _nbytes(getattr(layer, "values", None)),
+                }
             for name, value in part.items():
                 report[name] += value
         report["total"] = report["keys"] + report["values"] + report["labels"]
@@ -137,7 +144,12 @@ class StaticLabelLayer(SparseLayer, StaticLayer):
     """A preallocated KV layer that also stores labels, all written in place."""
 
     def __init__(
-        self, max_cache_len: int, channels: torch.Tensor, label_bits: int, backend: str = "auto", scratch: Optional[Scratch] = None
+        self,
+        max_cache_len: int,
+        channels: torch.Tensor,
+        label_bits: int,
+        backend: str = "auto",
+        scratch: Optional[Scratch] = None,
     ) -> None:
         super().__init__(max_cache_len=max_cache_len)
         self.channels = channels
@@ -157,7 +169,9 @@ class StaticLabelLayer(SparseLayer, StaticLayer):
         sample = make_labels(key_states[:, :, :1], self.channels, self.label_bits, self._label_backend)
         self.labels = Labels(
             *(
-                None if t is None else torch.zeros((*t.shape[:2], self.max_cache_len, *t.shape[3:]), dtype=t.dtype, device=self.device)
+                None
+                if t is None
+                else torch.zeros((*t.shape[:2], self.max_cache_len, *t.shape[3:]), dtype=t.dtype, device=self.device)
                 for t in sample
             )
         )
@@ -220,7 +234,9 @@ class StaticDoubleSparseCache(StaticCache):
         self.scratch = Scratch()
         for index, channels in layer_channels.items():
             if type(self.layers[index]) is not StaticLayer:
-                raise ValueError(f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers get labels")
+                raise ValueError(
+                    f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers get labels"
+                )
             self.layers[index] = StaticLabelLayer(max_cache_len, channels, label_bits, backend, self.scratch)
 
     labels = DoubleSparseCache.labels

@@ -40,7 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the console command."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.command is None:
         parser.print_help()
         return 0

@@ -71,11 +71,15 @@ class StaticDecoder:
         return out.logits[:, -1]
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], cache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the prompt; return its last logits [B, V] and the full-width mask buffer [B, max_cache_len]."""
         batch, prompt_len = input_ids.shape
         if prompt_len >= self.max_cache_len:
-            raise ValueError(f"the prompt ({prompt_len} tokens) must be shorter than max_cache_len ({self.max_cache_len})")
+            raise ValueError(
+                f"the prompt ({prompt_len} tokens) must be shorter than max_cache_len ({self.max_cache_len})"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = torch.zeros(batch, self.max_cache_len, dtype=attention_mask.dtype, device=input_ids.device)
@@ -92,13 +96,18 @@ class StaticDecoder:
 
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, max_new_tokens: int = 16, keep_logits: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        max_new_tokens: int = 16,
+        keep_logits: bool = False,
     ) -> DecodeResult:
         """Greedy-decode `max_new_tokens` tokens after a (left-padded) prompt."""
         prompt_len = input_ids.shape[1]
         if prompt_len + max_new_tokens > self.max_cache_len:
             raise ValueError(
-                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds max_cache_len ({self.max_cache_len}): "
+                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) "
+                f"exceeds max_cache_len ({self.max_cache_len}): "
                 "build the decoder with a larger max_cache_len"
             )
         cache = self.new_cache()
@@ -107,7 +116,13 @@ class StaticDecoder:
 
     @torch.no_grad()
     def decode(
-        self, cache, mask: torch.Tensor, logits: torch.Tensor, filled: int, max_new_tokens: int, keep_logits: bool = False
+        self,
+        cache,
+        mask: torch.Tensor,
+        logits: torch.Tensor,
+        filled: int,
+        max_new_tokens: int,
+        keep_logits: bool = False,
     ) -> DecodeResult:
         """Greedy steps from a cache holding `filled` positions, `mask` [B, max_cache_len] marking the real ones."""
         positions = mask[:, :filled].long().sum(-1, keepdim=True)
@@ -123,7 +138,9 @@ class StaticDecoder:
         return DecodeResult(torch.cat(tokens, dim=1), torch.stack(kept, dim=1) if keep_logits else None)
 
     @torch.no_grad()
-    def step(self, cache, mask: torch.Tensor, token: torch.Tensor, position: int, position_ids: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, cache, mask: torch.Tensor, token: torch.Tensor, position: int, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         """One decode step writing cache position `position`; returns logits [B, V]."""
         if position >= self.max_cache_len:
             raise ValueError(f"cache position {position} is past max_cache_len ({self.max_cache_len})")

@@ -65,7 +65,13 @@ def attend_over_labels(
     if labels is None or labels.codes.shape[2] != length:
         labels = make_labels(key, channels, config.label_bits, backend)
     scores = label_scores(
-        gather_query_channels(query, channels), labels, config.label_bits, scaling, plan.num_select_heads, backend, scratch
+        gather_query_channels(query, channels),
+        labels,
+        config.label_bits,
+        scaling,
+        plan.num_select_heads,
+        backend,
+        scratch,
     )
     indices, slot_valid = select_tokens(
         scores, valid, budgets, config.sink_tokens, config.recent_tokens, max_budget, backend, scratch

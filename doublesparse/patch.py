@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
@@ -82,7 +82,9 @@ def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[Spars
     setattr(model, STATE_ATTRIBUTE, state)
     try:
         per_module = {module: plans[module.layer_idx] for module in modules}
-        state.attention = patch_attention(model, ATTENTION_NAME, double_sparse_attention, PLAN_ATTRIBUTE, per_module, add_hooks)
+        state.attention = patch_attention(
+            model, ATTENTION_NAME, double_sparse_attention, PLAN_ATTRIBUTE, per_module, add_hooks
+        )
     except BaseException:
         delattr(model, STATE_ATTRIBUTE)
         raise
@@ -101,7 +103,9 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def patched(model: torch.nn.Module, channels: ChannelsLike, config: Optional[SparsityConfig] = None) -> Iterator[torch.nn.Module]:
+def patched(
+    model: torch.nn.Module, channels: ChannelsLike, config: Optional[SparsityConfig] = None
+) -> Iterator[torch.nn.Module]:
     """Context-manager form of `apply`: the model is restored on exit."""
     apply(model, channels, config)
     try:
@@ -170,7 +174,8 @@ def _offload_cache(
         dtype = next(model.parameters()).dtype
         per_layer = host_kv_bytes(1, batch_size, layout.num_kv_heads, layout.head_dim, max_cache_len, dtype)
         cache.host_budget.reserve(
-            {i: per_layer for i in layer_channels}, f"{len(layer_channels)} layers x batch {batch_size} x {max_cache_len} tokens"
+            {i: per_layer for i in layer_channels},
+            f"{len(layer_channels)} layers x batch {batch_size} x {max_cache_len} tokens",
         )
     return cache
 

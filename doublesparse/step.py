@@ -50,8 +50,14 @@ class AttentionCall:
     def dense(self) -> tuple[torch.Tensor, None]:
         """Exact attention over the keys handed over, as the unpatched model computes it."""
         return dense_attention(
-            self.module, self.query, self.key, self.value, self.attention_mask,
-            dropout=self.dropout, scaling=self.scaling_argument, **self.kwargs,
+            self.module,
+            self.query,
+            self.key,
+            self.value,
+            self.attention_mask,
+            dropout=self.dropout,
+            scaling=self.scaling_argument,
+            **self.kwargs,
         )
 
 

@@ -16,15 +16,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Installed subpackage -> its folder in the repository (the package_dir mapping of setup.py).
-LAYOUT = {"doublesparse": "doublesparse", "doublesparse/kernels": "kernels",
-          "doublesparse/calibration": "calibration", "doublesparse/eval": "eval"}
+LAYOUT = {
+    "doublesparse": "doublesparse",
+    "doublesparse/kernels": "kernels",
+    "doublesparse/calibration": "calibration",
+    "doublesparse/eval": "eval",
+}
 
 
 def stage(target: Path) -> None:
     """Copy the Python sources into `target` in the installed layout."""
     for installed, source in LAYOUT.items():
-        shutil.copytree(ROOT / source, target / installed, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("assets", "__pycache__", "*.c", "*.so"))
+        shutil.copytree(
+            ROOT / source,
+            target / installed,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("assets", "__pycache__", "*.c", "*.so"),
+        )
 
 
 def main() -> int:
@@ -32,8 +40,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="doublesparse-imports-") as folder:
         stage(Path(folder))
         env = {**os.environ, "PYTHONPATH": folder}
-        command = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
-                   "sys.exit(lint_imports_command())", str(ROOT / ".importlinter")]
+        command = [
+            sys.executable,
+            "-c",
+            "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+            str(ROOT / ".importlinter"),
+        ]
         return subprocess.run(command, cwd=folder, env=env, check=False).returncode
 
 

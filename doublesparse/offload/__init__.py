@@ -12,7 +12,14 @@ they depend on one another:
 """
 
 from .cache import DeviceBuffers, OffloadCache, OffloadLayer
-from .host_memory import GIB, HostMemoryBudget, available_host_memory, host_kv_bytes, host_store_bytes, pinned_host_stores
+from .host_memory import (
+    GIB,
+    HostMemoryBudget,
+    available_host_memory,
+    host_kv_bytes,
+    host_store_bytes,
+    pinned_host_stores,
+)
 from .host_store import HostStoredCache, HostStoredLayer, TokenBuffer, gather_rows
 from .prefetch import PendingPrefetch, Prefetcher, QueryPredictor, install_prefetch_hooks, query_predictors
 from .selection import HostSelection, selection_recall, step_selection

@@ -110,6 +110,10 @@ def _multi_row_attention(
     gather_rows(keys_store, flat, keys, backend)
     gather_rows(values_store, flat, values, backend)
     per_head = flat.shape[2] // (indices.shape[1] // heads)
-    local = torch.arange(per_head * (indices.shape[1] // heads), device=query.device).repeat(heads).view(indices.shape[1:])
-    out = sparse_attention_reference(query, keys, values, local[None].expand(batch, -1, -1, -1), slot_valid, call.scaling)
+    local = (
+        torch.arange(per_head * (indices.shape[1] // heads), device=query.device).repeat(heads).view(indices.shape[1:])
+    )
+    out = sparse_attention_reference(
+        query, keys, values, local[None].expand(batch, -1, -1, -1), slot_valid, call.scaling
+    )
     return out.transpose(1, 2).contiguous()

@@ -166,7 +166,14 @@ class DeviceBuffers:
 
     @staticmethod
     def _fit(current, shape, dtype, device):
-        if current is not None and current[0].shape[2] >= shape[2] and tuple(current[0].shape[:2]) == tuple(shape[:2]) and current[0].shape[3] == shape[3] and current[0].dtype == dtype and current[0].device == device:
+        if (
+            current is not None
+            and current[0].shape[2] >= shape[2]
+            and tuple(current[0].shape[:2]) == tuple(shape[:2])
+            and current[0].shape[3] == shape[3]
+            and current[0].dtype == dtype
+            and current[0].device == device
+        ):
             return current
         # Grow by half again, so a fraction budget does not reallocate every step.
         slots = shape[2] if current is None else max(shape[2], current[0].shape[2] * 3 // 2)
@@ -178,7 +185,9 @@ class DeviceBuffers:
         self.sync = self._fit(self.sync, shape, dtype, device)
         return tuple(t[:, :, : shape[2]] for t in self.sync)
 
-    def ring_views(self, shape, dtype, device, before_realloc: Callable[[], None]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def ring_views(
+        self, shape, dtype, device, before_realloc: Callable[[], None]
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(slot, K view, V view) of the next ring slot."""
         slot = self.next_slot
         self.next_slot = 1 - slot
@@ -211,7 +220,9 @@ class OffloadCache(HostStoredCache, DoubleSparseCache):
         DynamicCache.__init__(self, config=model_config)
         for index, channels in layer_channels.items():
             if type(self.layers[index]) is not DynamicLayer:
-                raise ValueError(f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers are offloaded")
+                raise ValueError(
+                    f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers are offloaded"
+                )
             self.layers[index] = OffloadLayer(index, channels, config, self)
         self.sparsity = config
         self.max_cache_len = max_cache_len
@@ -223,11 +234,21 @@ class OffloadCache(HostStoredCache, DoubleSparseCache):
     def memory(self) -> dict[str, int]:
         """Allocated bytes split by place: host K/V; device labels, window, copy buffers and dense layers' K/V."""
         report = self.layer_bytes(
-            {"host_keys": 0, "host_values": 0, "device_labels": 0, "device_window": 0, "device_keys": 0, "device_values": 0}
+            {
+                "host_keys": 0,
+                "host_values": 0,
+                "device_labels": 0,
+                "device_window": 0,
+                "device_keys": 0,
+                "device_values": 0,
+            }
         )
         report["device_buffers"] = self.buffers.nbytes()
         report["host"] = report["host_keys"] + report["host_values"]
-        report["device"] = sum(report[name] for name in ("device_labels", "device_window", "device_keys", "device_values", "device_buffers"))
+        report["device"] = sum(
+            report[name]
+            for name in ("device_labels", "device_window", "device_keys", "device_values", "device_buffers")
+        )
         # The keys of DoubleSparseCache.memory(), for code that reads them.
         report["keys"] = report["host_keys"] + report["device_keys"]
         report["values"] = report["host_values"] + report["device_values"]

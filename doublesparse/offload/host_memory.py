@@ -73,9 +73,14 @@ def host_store_bytes(tokens: int, row_bytes: int, pinned: Optional[bool] = None)
 
 
 def host_kv_bytes(
-    num_layers: int, batch: int, num_kv_heads: int, head_dim: int, tokens: int, dtype: torch.dtype, pinned: Optional[bool] = None
+    num_layers: int,
+    batch: int,
+    num_kv_heads: int,
+    head_dim: int,
+    tokens: int,
+    dtype: torch.dtype,
+    pinned: Optional[bool] = None,
 ) -> int:
     """Host bytes of the offloaded K and V of `num_layers` layers holding `tokens` tokens."""
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * num_layers * host_store_bytes(tokens, batch * num_kv_heads * head_dim * element, pinned)
-

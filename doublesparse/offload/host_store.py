@@ -84,7 +84,6 @@ def gather_rows(store: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, b
     return host_gather_reference(store, indices, out)
 
 
-
 class HostStoredLayer(CacheLayerMixin):
     """The transformers layer interface of a cache layer whose K/V live in host memory.
 
@@ -158,7 +157,9 @@ class HostStoredLayer(CacheLayerMixin):
         """ValueError if `needed` tokens exceed the cache's preallocated length."""
         limit = self.owner.max_cache_len
         if limit is not None and needed > limit:
-            raise ValueError(f"the cache was made for max_cache_len={limit} tokens; {needed} do not fit: make it larger")
+            raise ValueError(
+                f"the cache was made for max_cache_len={limit} tokens; {needed} do not fit: make it larger"
+            )
 
     def _grow_host_store(self, needed: int, like: torch.Tensor) -> None:
         """Room for `needed` tokens in the host K/V stores (rows like `like[0]`), within the cache's budget."""
@@ -168,7 +169,9 @@ class HostStoredLayer(CacheLayerMixin):
         limit = self.owner.max_cache_len
         capacity = limit if limit is not None else max(needed, 2 * self.host_keys.capacity, 256)
         store_bytes = host_store_bytes(capacity, like[0].numel() * like.element_size())
-        self.owner.host_budget.reserve({self.layer_idx: 2 * store_bytes}, f"layer {self.layer_idx} at {capacity} tokens")
+        self.owner.host_budget.reserve(
+            {self.layer_idx: 2 * store_bytes}, f"layer {self.layer_idx} at {capacity} tokens"
+        )
         host = torch.device("cpu")
         self.host_keys.reserve(capacity, like, host)
         self.host_values.reserve(capacity, like, host)
@@ -211,4 +214,3 @@ class HostStoredCache:
                     tensor = getattr(layer, name, None)
                     report[f"device_{name}"] += 0 if tensor is None else tensor.numel() * tensor.element_size()
         return report
-

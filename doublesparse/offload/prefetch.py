@@ -44,7 +44,9 @@ class QueryPredictor:
     head_dim: int
     scaling: float
 
-    def __call__(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def __call__(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         """[B, L, hidden] -> query [B, H_q, L, d]."""
         normed = self.norm(hidden_states)
         projection = getattr(self.attention, "q_proj", None)
@@ -65,7 +67,9 @@ class QueryPredictor:
         return query
 
 
-def query_predictors(model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> dict[int, tuple[torch.nn.Module, QueryPredictor]]:
+def query_predictors(
+    model: torch.nn.Module, attention_modules: list[torch.nn.Module]
+) -> dict[int, tuple[torch.nn.Module, QueryPredictor]]:
     """For every layer: (its decoder layer, its query predictor); ValueError where the model's modules are not found."""
     parents = {}
     for _, module in model.named_modules():
@@ -82,15 +86,27 @@ def query_predictors(model: torch.nn.Module, attention_modules: list[torch.nn.Mo
         )
         if decoder_layer is None or not isinstance(norm, torch.nn.Module) or rotate is None or not has_projection:
             raise ValueError(
-                f"{type(model).__name__} layer {index}: prefetch predicts the next layer's query from a decoder layer with "
+                f"{type(model).__name__} layer {index}: "
+                "prefetch predicts the next layer's query from a decoder layer with "
                 "`self_attn` (with q_proj or qkv_proj), `input_layernorm` and its module's `apply_rotary_pos_emb`, "
                 "and this model lacks one of them: use SparsityConfig(offload=True, prefetch=False)"
             )
-        text = attention.config.get_text_config(decoder=True) if hasattr(attention.config, "get_text_config") else attention.config
+        text = (
+            attention.config.get_text_config(decoder=True)
+            if hasattr(attention.config, "get_text_config")
+            else attention.config
+        )
         head_dim = attention.head_dim
         found[index] = (
             decoder_layer,
-            QueryPredictor(norm, attention, rotate, text.num_attention_heads, head_dim, getattr(attention, "scaling", head_dim**-0.5)),
+            QueryPredictor(
+                norm,
+                attention,
+                rotate,
+                text.num_attention_heads,
+                head_dim,
+                getattr(attention, "scaling", head_dim**-0.5),
+            ),
         )
     return found
 
@@ -108,7 +124,9 @@ def install_prefetch_hooks(
         if target is None or plan is None or plan.dense:
             handles.append(decoder_layer.register_forward_pre_hook(_step_counter(index), with_kwargs=True))
             continue
-        handles.append(decoder_layer.register_forward_pre_hook(_prefetch_hook(index, following, target[1], plan), with_kwargs=True))
+        handles.append(
+            decoder_layer.register_forward_pre_hook(_prefetch_hook(index, following, target[1], plan), with_kwargs=True)
+        )
     return handles
 
 
@@ -135,11 +153,12 @@ def _prefetch_hook(index: int, following: int, predictor: QueryPredictor, plan: 
         if index == 0:
             cache.prefetcher.begin_step(hidden)
         with torch.no_grad():
-            cache.prefetcher.prefetch(following, hidden, kwargs.get("position_embeddings"), kwargs.get("attention_mask"), predictor, plan)
+            cache.prefetcher.prefetch(
+                following, hidden, kwargs.get("position_embeddings"), kwargs.get("attention_mask"), predictor, plan
+            )
         return None
 
     return prefetch_next_layer
-
 
 
 @dataclass
@@ -191,10 +210,20 @@ class Prefetcher:
             return
         self.decode_steps += 1
         self.pending.clear()
-        if self.config.sync_layers is None and self.chosen_sync is None and self.decode_steps > self.config.prefetch_warmup_steps:
-            self.chosen_sync = {i for i in self.predicted_layers if not self.recall.get(i) or self.recall[i].mean < self.config.prefetch_min_recall}
+        if (
+            self.config.sync_layers is None
+            and self.chosen_sync is None
+            and self.decode_steps > self.config.prefetch_warmup_steps
+        ):
+            self.chosen_sync = {
+                i
+                for i in self.predicted_layers
+                if not self.recall.get(i) or self.recall[i].mean < self.config.prefetch_min_recall
+            }
             if self.recall:
-                logger.info("doublesparse offload: layers copying synchronously after the warm-up: %s", sorted(self.chosen_sync))
+                logger.info(
+                    "doublesparse offload: layers copying synchronously after the warm-up: %s", sorted(self.chosen_sync)
+                )
 
     def warming_up(self) -> bool:
         """Whether this step measures recall to choose the sync layers (every layer then copies synchronously)."""
@@ -218,10 +247,23 @@ class Prefetcher:
 
     # -- the copy -------------------------------------------------------------------------------------
 
-    def prefetch(self, layer_idx: int, hidden: torch.Tensor, position_embeddings, attention_mask, predictor: QueryPredictor, plan: LayerPlan) -> None:
+    def prefetch(
+        self,
+        layer_idx: int,
+        hidden: torch.Tensor,
+        position_embeddings,
+        attention_mask,
+        predictor: QueryPredictor,
+        plan: LayerPlan,
+    ) -> None:
         """At the start of layer layer_idx-1: predict layer `layer_idx`'s selection and start copying its rows."""
         layer = self.cache.layers[layer_idx]
-        if not isinstance(layer, OffloadLayer) or not layer.length or hidden.shape[1] != 1 or position_embeddings is None:
+        if (
+            not isinstance(layer, OffloadLayer)
+            or not layer.length
+            or hidden.shape[1] != 1
+            or position_embeddings is None
+        ):
             return
         self.predicted_layers.add(layer_idx)
         use, measure = self.uses_prediction(layer_idx), self.measures(layer_idx)
@@ -231,8 +273,12 @@ class Prefetcher:
         query = predictor(hidden, position_embeddings)
         valid = valid_keys(attention_mask, hidden.shape[0], 1, length, hidden.device)
         scores = label_scores(
-            gather_query_channels(query, plan.channels_on(query.device)), layer.labels, self.config.label_bits,
-            predictor.scaling, plan.num_select_heads, plan.backend_on(query.device),
+            gather_query_channels(query, plan.channels_on(query.device)),
+            layer.labels,
+            self.config.label_bits,
+            predictor.scaling,
+            plan.num_select_heads,
+            plan.backend_on(query.device),
         )
         window = min(layer.window_size, length)
         selection = step_selection(scores, valid, self.config, length, window)
@@ -269,7 +315,9 @@ class Prefetcher:
             "recall": {str(i): self.recall[i].mean for i in sorted(self.recall)},
             "recall_steps": {str(i): self.recall[i].steps for i in sorted(self.recall)},
             "sync_layers": self.sync_layers(),
-            "sync_rule": "configured" if self.config.sync_layers is not None else f"recall < {self.config.prefetch_min_recall} over {self.config.prefetch_warmup_steps} warm-up steps",
+            "sync_rule": "configured"
+            if self.config.sync_layers is not None
+            else f"recall < {self.config.prefetch_min_recall} over {self.config.prefetch_warmup_steps} warm-up steps",
         }
 
     def _start_copy(self, layer: OffloadLayer, pending: PendingPrefetch, window: int) -> None:
@@ -284,7 +332,10 @@ class Prefetcher:
             self.ready = [torch.cuda.Event(), torch.cuda.Event()]
             self.consumed = [torch.cuda.Event(), torch.cuda.Event()]
         slot, keys, values = self.cache.buffers.ring_views(
-            shape, keys_store.dtype, layer.device, before_realloc=self.copy_stream.synchronize if cuda else (lambda: None)
+            shape,
+            keys_store.dtype,
+            layer.device,
+            before_realloc=self.copy_stream.synchronize if cuda else (lambda: None),
         )
         pending.slot, pending.keys, pending.values = slot, keys, values
         indices = selection.indices.reshape(batch, heads, -1)
@@ -301,4 +352,3 @@ class Prefetcher:
             gather_rows(keys_store, indices, keys[:, :, window:], layer.backend)
             gather_rows(values_store, indices, values[:, :, window:], layer.backend)
             self.ready[slot].record(self.copy_stream)
-

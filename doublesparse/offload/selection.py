@@ -48,7 +48,9 @@ def step_selection(
     host_slots = min(max(max_budget - window, 0), start)
     need = budgets - window_valid.sum(dim=-1)
     ranked = scores[..., :start].float()
-    ranked = ranked.masked_fill(~valid[:, None, :, :start], float("-inf")).masked_fill(forced[:, None, :, :start], float("inf"))
+    ranked = ranked.masked_fill(~valid[:, None, :, :start], float("-inf")).masked_fill(
+        forced[:, None, :, :start], float("inf")
+    )
     indices = ranked.topk(host_slots, dim=-1, sorted=True).indices
     host_valid = torch.arange(host_slots, device=scores.device) < need[..., None]
     return HostSelection(indices, host_valid[:, None], window_valid[:, None])
@@ -68,4 +70,3 @@ def selection_recall(predicted: HostSelection, exact: HostSelection, length: int
     found = (as_mask(predicted) & wanted).sum(dim=-1).float()
     total = wanted.sum(dim=-1).float()
     return torch.where(total > 0, found / total.clamp_min(1), torch.ones_like(total))
-
