@@ -120,14 +120,21 @@ def sparse_attention(
     scaling: float,
     backend: str = "auto",
     scratch: Optional[Scratch] = None,
+    *,
+    sinks: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
-    """Exact attention over the selected tokens: [B, H_q, L, d] (see sparse_attention.py; `scratch` serves the torch path)."""
+    """Exact attention over the selected tokens: [B, H_q, L, d_v] (sparse_attention.py; `scratch`: torch path)."""
     resolved = concrete_backend(backend, query.device)
     if resolved == "triton":
-        return sparse_attention_triton(query, keys, values, indices, slot_valid, scaling)
-    if resolved == "cpu" and sparse_attention_cpu_supports(query, keys, values, indices):
+        return sparse_attention_triton(query, keys, values, indices, slot_valid, scaling, sinks=sinks, softcap=softcap)
+    # The native kernel says no to what it cannot do (sinks, softcap, value widths of their own): the
+    # reference serves those calls, so backend='cpu' stays exact on every architecture.
+    if resolved == "cpu" and sparse_attention_cpu_supports(query, keys, values, indices, sinks=sinks, softcap=softcap):
         return sparse_attention_cpu(query, keys, values, indices, slot_valid, scaling, scratch)
-    return sparse_attention_reference(query, keys, values, indices, slot_valid, scaling, scratch)
+    return sparse_attention_reference(
+        query, keys, values, indices, slot_valid, scaling, scratch, sinks=sinks, softcap=softcap
+    )
 
 
 def dense_attention(
@@ -137,8 +144,11 @@ def dense_attention(
     scaling: float,
     valid: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    *,
+    sinks: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
-    """Exact attention over every cached key: [B, H_q, L, d] (see dense_attention.py)."""
+    """Exact attention over every cached key: [B, H_q, L, d_v] (see dense_attention.py)."""
     if concrete_backend(backend, query.device) == "triton":
-        return dense_attention_triton(query, keys, values, scaling, valid)
-    return dense_attention_reference(query, keys, values, scaling, valid)
+        return dense_attention_triton(query, keys, values, scaling, valid, sinks=sinks, softcap=softcap)
+    return dense_attention_reference(query, keys, values, scaling, valid, sinks=sinks, softcap=softcap)

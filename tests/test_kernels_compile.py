@@ -1,13 +1,16 @@
 """Without a GPU, the interpreter never compiles the kernels: compile them for an H100/H200 (sm_90) here.
 
 Catches what only the compiler rejects (types, shapes, unsupported constructs) in sessions without a
-GPU. The test process runs kernels under TRITON_INTERPRET=1, so the compiling happens in a child
-process without it (this file run as a script). Skipped where a GPU runs the kernels for real, or
-where Triton's NVIDIA toolchain is missing.
+GPU, and checks that the decode-attention kernels' default path compiles to the instructions it did
+before they learned sinks, softcapping and value widths. The test process runs kernels under
+TRITON_INTERPRET=1, so the compiling happens in a child process without it (this file run as a
+script). Skipped where a GPU runs the kernels for real, or where Triton's NVIDIA toolchain is missing.
 """
 
+import collections
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -27,8 +30,8 @@ def test_every_kernel_compiles_for_sm90():
     assert child.returncode == 0, child.stdout + child.stderr
 
 
-def compile_for_sm90(kernel, pointer_types: dict, constexprs: dict) -> None:
-    """Compile one specialisation of `kernel` down to an sm_90 cubin."""
+def compile_for_sm90(kernel, pointer_types: dict, constexprs: dict):
+    """Compile one specialisation of `kernel` down to an sm_90 cubin; returns the compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -39,6 +42,7 @@ def compile_for_sm90(kernel, pointer_types: dict, constexprs: dict) -> None:
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
     assert compiled.asm["cubin"], f"{kernel.__name__}: no cubin"
+    return compiled
 
 
 def label_append_compiles(bits, key_type, code_type):
@@ -60,20 +64,60 @@ def label_scores_compile(bits, layout):
     compile_for_sm90(label_scores._label_scores_kernel, pointers, constexprs)
 
 
-def decode_attention_compiles(dtype, dense, single_split, head_dim):
+def decode_attention_compiles(dtype, dense, single_split, key_dim, value_dim, has_sinks, softcap):
     import triton
 
     from doublesparse.kernels import sparse_attention
 
-    block_d = triton.next_power_of_2(head_dim)
+    block_dk, block_dv = (max(16, triton.next_power_of_2(width)) for width in (key_dim, value_dim))
     pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "index_ptr": "*i64", "keep_ptr": "*u8",
-                "part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "out_ptr": f"*{dtype}"}
-    constexprs = dict(HEADS_PER_PROGRAM=4, QUERY_PER_KV=4, HEAD_DIM=head_dim, DENSE=dense, HAS_KEEP=True,
-                      SINGLE_SPLIT=single_split, BLOCK_H=16, BLOCK_K=64, BLOCK_D=block_d)
+                "sinks_ptr": "*fp32", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+                "out_ptr": f"*{dtype}"}
+    constexprs = dict(HEADS_PER_PROGRAM=4, QUERY_PER_KV=4, KEY_DIM=key_dim, VALUE_DIM=value_dim, DENSE=dense,
+                      HAS_KEEP=True, SINGLE_SPLIT=single_split, HAS_SINKS=has_sinks, SOFTCAP=softcap,
+                      BLOCK_H=16, BLOCK_K=64, BLOCK_DK=block_dk, BLOCK_DV=block_dv)
     compile_for_sm90(sparse_attention._decode_partial_kernel, pointers, constexprs)
     if not single_split:
-        merge_pointers = {"part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "out_ptr": f"*{dtype}"}
-        compile_for_sm90(sparse_attention._decode_merge_kernel, merge_pointers, dict(HEAD_DIM=head_dim, BLOCK_S=32, BLOCK_D=block_d))
+        merge_pointers = {"part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+                          "sinks_ptr": "*fp32", "out_ptr": f"*{dtype}"}
+        merge_constexprs = dict(VALUE_DIM=value_dim, HAS_SINKS=has_sinks, BLOCK_S=32, BLOCK_DV=block_dv)
+        compile_for_sm90(sparse_attention._decode_merge_kernel, merge_pointers, merge_constexprs)
+
+
+def ptx_instructions(compiled) -> collections.Counter:
+    """The PTX instructions of a compiled kernel with register names and parameter loads left out."""
+    body = compiled.asm["ptx"].split("{", 1)[1]
+    lines = (line.strip() for line in body.splitlines())
+    skipped = ("//", ".", "$", "{", "}", "ld.param")  # comments, directives, labels, braces, parameter loads
+    kept = (line for line in lines if line and not line.startswith(skipped) and not line.endswith(":"))
+    return collections.Counter(re.sub(r"%[a-z]+\d+", "%", line) for line in kept)
+
+
+def default_decode_attention_compiles_as_before(dtype, dense, single_split, head_dim):
+    """Without sinks or softcapping and with one head size, the kernels compile to the instructions they
+    did before they learned those (tests/frozen_attention.py): only the parameter list differs."""
+    import triton
+
+    import frozen_attention
+    from doublesparse.kernels import sparse_attention
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "index_ptr": "*i64",
+                "keep_ptr": "*u8", "sinks_ptr": "*fp32", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
+                "part_sum_ptr": "*fp32", "out_ptr": f"*{dtype}"}
+    shared = dict(HEADS_PER_PROGRAM=4, QUERY_PER_KV=4, DENSE=dense, HAS_KEEP=True, SINGLE_SPLIT=single_split,
+                  BLOCK_H=16, BLOCK_K=64)
+    then = compile_for_sm90(frozen_attention._decode_partial_kernel, pointers,
+                            dict(shared, HEAD_DIM=head_dim, BLOCK_D=block_d))
+    now = compile_for_sm90(sparse_attention._decode_partial_kernel, pointers,
+                           dict(shared, KEY_DIM=head_dim, VALUE_DIM=head_dim, HAS_SINKS=False, SOFTCAP=0.0,
+                                BLOCK_DK=block_d, BLOCK_DV=block_d))
+    assert ptx_instructions(now) == ptx_instructions(then), f"partial kernel {dtype} {dense} {single_split} {head_dim}"
+    then = compile_for_sm90(frozen_attention._decode_merge_kernel, pointers,
+                            dict(HEAD_DIM=head_dim, BLOCK_S=32, BLOCK_D=block_d))
+    now = compile_for_sm90(sparse_attention._decode_merge_kernel, pointers,
+                           dict(VALUE_DIM=head_dim, HAS_SINKS=False, BLOCK_S=32, BLOCK_DV=block_d))
+    assert ptx_instructions(now) == ptx_instructions(then), f"merge kernel {dtype} {head_dim}"
 
 
 def main() -> int:
@@ -87,8 +131,12 @@ def main() -> int:
         label_append_compiles(*case)
     for case in [(16, (4, 1, 1, 4)), (4, (1, 4, 1, 1))]:
         label_scores_compile(*case)
-    for case in [("fp16", False, False, 128), ("bf16", True, True, 80)]:
+    # The default path, then sinks and softcapping with values narrower than keys (MLA), both split modes.
+    for case in [("fp16", False, False, 128, 128, False, 0.0), ("bf16", True, True, 80, 80, False, 0.0),
+                 ("bf16", False, False, 192, 128, True, 50.0), ("fp16", True, True, 48, 32, True, 30.0)]:
         decode_attention_compiles(*case)
+    for case in [("fp16", False, False, 128), ("bf16", True, True, 80)]:
+        default_decode_attention_compiles_as_before(*case)
     print("all kernels compile for sm_90")
     return 0
 

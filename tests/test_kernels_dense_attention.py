@@ -1,11 +1,20 @@
-"""Parity of the Triton dense flash-decoding attention with its torch reference and with SDPA."""
+"""Parity of the Triton dense flash-decoding attention with its torch reference, SDPA and an oracle."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from doublesparse.kernels.dense_attention import dense_attention_reference, dense_attention_triton
-from kernel_cases import DEVICE, DTYPES, assert_close, cuda_only, output_tolerance, randn
+from kernel_cases import (
+    DEVICE,
+    DTYPES,
+    assert_close,
+    assert_matches_oracle,
+    attention_oracle,
+    cuda_only,
+    output_tolerance,
+    randn,
+)
 
 CASES = [
     # batch, query heads, kv heads, rows, head_dim, tokens, splits
@@ -56,3 +65,46 @@ def test_dense_attention_at_model_shape_on_gpu(dtype):
     values = randn(2, 8, 32768 + 5, 128, dtype=dtype, generator=generator)
     expected = dense_attention_reference(query, keys, values, 128**-0.5)
     assert_close(dense_attention_triton(query, keys, values, 128**-0.5), expected, output_tolerance(dtype))
+
+
+# Sinks (gpt-oss), softcapping (Gemma2) and values narrower than keys (MLA), against kernel_cases' oracle.
+EXTENDED_CASES = [
+    # batch, query heads, kv heads, rows, key dim, value dim, tokens, splits
+    (2, 2, 2, 1, 48, 32, 40, 3),   # MHA
+    (2, 4, 2, 1, 64, 64, 70, 2),   # GQA group 2
+    (1, 8, 2, 2, 24, 16, 33, 4),   # GQA group 4, two query rows
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sinks, softcap", [(None, None), ("sinks", None), (None, 0.5), ("sinks", 3.0)])
+@pytest.mark.parametrize("case", EXTENDED_CASES)
+def test_dense_attention_with_extras_matches_oracle(case, sinks, softcap, dtype):
+    batch, q_heads, kv_heads, rows, key_dim, value_dim, tokens, splits = case
+    generator = torch.Generator().manual_seed(sum(case[:7]))
+    query = randn(batch, q_heads, rows, key_dim, dtype=dtype, generator=generator)
+    keys = randn(batch, kv_heads, tokens, key_dim, dtype=dtype, generator=generator)
+    values = randn(batch, kv_heads, tokens, value_dim, dtype=dtype, generator=generator)
+    sinks = (2 * torch.randn(q_heads, generator=generator)).to(DEVICE) if sinks else None
+    # Left padding of a different width per batch row; the last batch row sees no key at all.
+    starts = torch.randint(0, tokens, (batch, 1, 1), generator=generator)
+    valid = (torch.arange(tokens)[None, None] >= starts).expand(batch, rows, tokens).clone()
+    valid[-1] = False
+    valid = valid.to(DEVICE)
+    scaling = key_dim**-0.5
+    selected = valid[:, None].expand(-1, q_heads, -1, -1)
+    oracle = attention_oracle(query, keys, values, selected, scaling, sinks, softcap)
+    extras = dict(sinks=sinks, softcap=softcap)
+    reference = dense_attention_reference(query, keys, values, scaling, valid, **extras)
+    assert_matches_oracle(reference, oracle, dtype)
+    assert (reference[-1] == 0).all()
+    for num_splits in (1, splits):
+        out = torch.full((batch, q_heads, rows, value_dim), float("nan"), dtype=dtype, device=DEVICE)
+        actual = dense_attention_triton(query, keys, values, scaling, valid, out=out, num_splits=num_splits, **extras)
+        assert actual is out
+        assert_matches_oracle(actual, oracle, dtype)
+        assert (actual[-1] == 0).all(), f"{num_splits} splits: a row with no valid key must return zeros"
+    if sinks is not None and softcap is not None:  # and with no mask at all
+        everything = dense_attention_triton(query, keys, values, scaling, num_splits=splits, **extras)
+        oracle = attention_oracle(query, keys, values, torch.ones_like(selected), scaling, sinks, softcap)
+        assert_matches_oracle(everything, oracle, dtype)
