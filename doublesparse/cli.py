@@ -14,12 +14,12 @@ import sys
 from typing import Optional, Sequence
 
 SUBCOMMANDS = {
-    "run": "doublesparse.eval.main_job",
-    "eval": "doublesparse.eval.command",
-    "bench": "doublesparse.eval.bench",
+    "run": "doublesparse.eval.commands.main_job",
+    "eval": "doublesparse.eval.commands.evaluate",
+    "bench": "doublesparse.eval.commands.bench",
     "calibrate": "doublesparse.calibration.command",
     "inspect": "doublesparse.calibration.inspect_command",
-    "recall": "doublesparse.eval.recall_command",
+    "recall": "doublesparse.eval.commands.recall",
 }
 
 
