@@ -248,3 +248,27 @@ def test_host_gather_kernel_matches_reference(dtype):
     host_gather_triton(store, indices, buffer[:, :, 5:42])
     assert torch.equal(buffer[:, :, 5:42], expected)
     assert not buffer[:, :, :5].any() and not buffer[:, :, 42:].any()
+
+
+def _decode_after(model, cache, input_ids, keep):
+    """Feed `input_ids`, crop the cache back to `keep` tokens, decode the token at `keep`: its logits."""
+    model(input_ids=input_ids, past_key_values=cache)
+    cache.crop(keep - input_ids.shape[1])
+    step = input_ids[:, keep : keep + 1]
+    return model(input_ids=step, past_key_values=cache).logits[:, -1]
+
+
+def test_crop_of_an_offload_cache_equals_never_having_stored_the_cropped_tokens():
+    # Assisted decoding rejects draft tokens by cropping the cache: host K/V, labels and the device
+    # window must all go back to the shorter past together (HostStoredLayer.crop + OffloadLayer's window).
+    model = tiny_model("llama", num_layers=2)
+    input_ids, _ = left_padded_batch([30], seed=5)
+    config = BASE.replace(offload=True)
+    with torch.no_grad(), ds.patched(model, random_channel_mask(model), config):
+        cropped = _decode_after(model, ds.make_cache(model), input_ids, 22)
+        fresh_cache = ds.make_cache(model)
+        model(input_ids=input_ids[:, :22], past_key_values=fresh_cache)
+        fresh = model(input_ids=input_ids[:, 22:23], past_key_values=fresh_cache).logits[:, -1]
+    assert torch.allclose(cropped, fresh, atol=1e-6)
+    with pytest.raises(ValueError, match="negative count"):
+        fresh_cache.layers[0].crop(3)

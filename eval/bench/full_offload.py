@@ -76,16 +76,9 @@ class FullOffloadLayer(HostStoredLayer):
         self.host_values.truncate(0)
         self.length = 0
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Remove the newest tokens (a negative count, as DynamicLayer.crop takes)."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
-        if tokens_to_remove == 0 or not self.length:
-            return
+    def _after_crop(self) -> None:
+        # The copies in the device ring hold the past before the crop.
         self.owner.forget_copies()
-        self.length = max(self.length + tokens_to_remove, 0)
-        self.host_keys.truncate(self.length)
-        self.host_values.truncate(self.length)
 
     # -- storage ----------------------------------------------------------------------------------
 

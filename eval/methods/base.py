@@ -21,16 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import sdpa_mask
 
-from doublesparse.policy import row_budgets, valid_keys
-from doublesparse.step import dense_attention
+from doublesparse.attention_patch import attention_patched
 from doublesparse.channels import ChannelMask
 from doublesparse.config import SparsityConfig
 from doublesparse.kernels.selection import select_tokens_reference
 from doublesparse.kernels.sparse_attention import selection_mask
 from doublesparse.layout import HeadLayout
+from doublesparse.policy import row_budgets, valid_keys
+from doublesparse.step import dense_attention
 from doublesparse.support import attention_modules, check_supported
 
 EVAL_ATTENTION_NAME = "doublesparse_eval"
@@ -208,12 +207,6 @@ def _record(plan: EvalLayerPlan, valid: torch.Tensor, budgets: torch.Tensor, sel
         plan.recorder.append({"layer": plan.layer_idx, "valid": valid, "budgets": budgets, "selected": selected})
 
 
-def register_selective_attention() -> None:
-    """Register the shared baseline attention function and its mask with transformers (idempotent)."""
-    AttentionInterface.register(EVAL_ATTENTION_NAME, selective_attention)
-    AttentionMaskInterface.register(EVAL_ATTENTION_NAME, sdpa_mask)
-
-
 @contextlib.contextmanager
 def selective_patch(
     model: torch.nn.Module, method: SelectiveMethod, config: SparsityConfig, recorder: Optional[list] = None
@@ -224,18 +217,10 @@ def selective_patch(
     config.check_model(layout.num_layers, layout.head_dim)
     modules = attention_modules(model, layout)
     num_select_heads = layout.num_kv_heads if config.selection == "group" else layout.num_heads
-    register_selective_attention()
-    previous = model.config._attn_implementation
-    try:
-        for module in modules:
-            dense = module.layer_idx in config.dense_layers or module.layer_idx in layout.sliding_layers
-            if not dense:
-                plan = EvalLayerPlan(module.layer_idx, method, config, num_select_heads, recorder=recorder)
-                setattr(module, EVAL_PLAN_ATTRIBUTE, plan)
-        model.set_attn_implementation(EVAL_ATTENTION_NAME)
+    plans = {
+        module: EvalLayerPlan(module.layer_idx, method, config, num_select_heads, recorder=recorder)
+        for module in modules
+        if module.layer_idx not in config.dense_layers and module.layer_idx not in layout.sliding_layers
+    }
+    with attention_patched(model, EVAL_ATTENTION_NAME, selective_attention, EVAL_PLAN_ATTRIBUTE, plans):
         yield model
-    finally:
-        for module in modules:
-            if hasattr(module, EVAL_PLAN_ATTRIBUTE):
-                delattr(module, EVAL_PLAN_ATTRIBUTE)
-        model.set_attn_implementation(previous or "sdpa")

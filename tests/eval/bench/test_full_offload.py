@@ -62,3 +62,17 @@ def test_full_offload_cache_follows_a_chunked_prefill_and_beam_search():
             beams.append(model.generate(input_ids=input_ids, max_new_tokens=5, num_beams=3, do_sample=False,
                                         pad_token_id=0, past_key_values=cache))
     assert torch.equal(*beams)
+
+
+def test_crop_of_a_full_offload_cache_equals_never_having_stored_the_cropped_tokens():
+    model = tiny_model("llama", num_layers=2)
+    input_ids, _ = left_padded_batch([30], seed=5)
+    with torch.no_grad():
+        cache = FullOffloadCache(model.config)
+        model(input_ids=input_ids, past_key_values=cache)
+        cache.crop(-8)
+        cropped = model(input_ids=input_ids[:, 22:23], past_key_values=cache).logits[:, -1]
+        reference = DynamicCache(config=model.config)
+        model(input_ids=input_ids[:, :22], past_key_values=reference)
+        expected = model(input_ids=input_ids[:, 22:23], past_key_values=reference).logits[:, -1]
+    assert torch.allclose(cropped, expected, atol=1e-6)
