@@ -10,7 +10,12 @@ import torch
 # The interpreter computes bf16 arithmetic wrongly; bf16 parity runs only on a GPU.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cuda_only(test):
+    """Mark a test `gpu` and skip it without a CUDA GPU."""
+    return pytest.mark.gpu(_needs_cuda(test))
 
 
 def output_tolerance(dtype: torch.dtype) -> float:
@@ -95,3 +100,31 @@ def assert_matches_oracle(actual: torch.Tensor, oracle: torch.Tensor, dtype: tor
     scale = oracle.abs().max().clamp_min(1e-6)
     error = ((actual.double() - oracle).abs().max() / scale).item()
     assert error <= output_tolerance(dtype), f"relative error {error:.2e} > {output_tolerance(dtype):.0e}"
+
+
+# Sparse-attention problems shared by the kernel tests.
+CASES = [
+    # batch, query heads, kv heads, selection heads, rows, head_dim, tokens, budget, splits
+    (2, 8, 2, 2, 1, 64, 100, 37, 3),      # GQA group 4, one selection per group, ragged split tail
+    (1, 8, 1, 1, 1, 128, 300, 150, None),  # group 8, default splits
+    (2, 2, 2, 2, 1, 128, 40, 40, 2),       # group 1 (MHA)
+    (1, 8, 2, 8, 1, 64, 70, 23, 2),        # selection per query head
+    (1, 4, 2, 2, 2, 80, 50, 9, 1),         # two query rows, head_dim 80 (masked lanes)
+]
+
+
+def random_problem(case: tuple, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    """A sparse-attention problem of `case` (one of CASES): query, keys, values, indices, slot_valid."""
+    batch, q_heads, kv_heads, select_heads, rows, head_dim, tokens, budget, _ = case
+    generator = torch.Generator().manual_seed(seed)
+    query = randn(batch, q_heads, rows, head_dim, dtype=dtype, generator=generator)
+    keys = randn(batch, kv_heads, tokens, head_dim, dtype=dtype, generator=generator)
+    values = randn(batch, kv_heads, tokens, head_dim, dtype=dtype, generator=generator)
+    picks = [torch.randperm(tokens, generator=generator)[:budget] for _ in range(batch * select_heads * rows)]
+    indices = torch.stack(picks).view(batch, select_heads, rows, budget).to(DEVICE)
+    # Ragged budgets: each batch row keeps a different number of leading slots; row 0 of the last
+    # batch element keeps none and must come out as zeros.
+    kept = torch.randint(1, budget + 1, (batch, rows), generator=generator)
+    kept[-1, 0] = 0
+    slot_valid = (torch.arange(budget)[None, None] < kept[..., None])[:, None].to(DEVICE)
+    return query, keys, values, indices, slot_valid

@@ -37,6 +37,7 @@ def test_triton_backend_decodes_like_torch_backend(selection, label_bits, per_kv
         torch.testing.assert_close(triton_logits, torch_logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_decode_step_replays_in_a_cuda_graph():
     from doublesparse.kernels import dispatch

@@ -10,6 +10,7 @@ from doublesparse.kernels.sparse_attention import (
     sparse_attention_triton,
 )
 from kernel_cases import (
+    CASES,
     DEVICE,
     DTYPES,
     assert_close,
@@ -18,33 +19,9 @@ from kernel_cases import (
     cuda_only,
     output_tolerance,
     randn,
+    random_problem,
     selected_per_query_head,
 )
-
-CASES = [
-    # batch, query heads, kv heads, selection heads, rows, head_dim, tokens, budget, splits
-    (2, 8, 2, 2, 1, 64, 100, 37, 3),      # GQA group 4, one selection per group, ragged split tail
-    (1, 8, 1, 1, 1, 128, 300, 150, None),  # group 8, default splits
-    (2, 2, 2, 2, 1, 128, 40, 40, 2),       # group 1 (MHA)
-    (1, 8, 2, 8, 1, 64, 70, 23, 2),        # selection per query head
-    (1, 4, 2, 2, 2, 80, 50, 9, 1),         # two query rows, head_dim 80 (masked lanes)
-]
-
-
-def random_problem(case, dtype, seed):
-    batch, q_heads, kv_heads, select_heads, rows, head_dim, tokens, budget, _ = case
-    generator = torch.Generator().manual_seed(seed)
-    query = randn(batch, q_heads, rows, head_dim, dtype=dtype, generator=generator)
-    keys = randn(batch, kv_heads, tokens, head_dim, dtype=dtype, generator=generator)
-    values = randn(batch, kv_heads, tokens, head_dim, dtype=dtype, generator=generator)
-    picks = [torch.randperm(tokens, generator=generator)[:budget] for _ in range(batch * select_heads * rows)]
-    indices = torch.stack(picks).view(batch, select_heads, rows, budget).to(DEVICE)
-    # Ragged budgets: each batch row keeps a different number of leading slots; row 0 of the last
-    # batch element keeps none and must come out as zeros.
-    kept = torch.randint(1, budget + 1, (batch, rows), generator=generator)
-    kept[-1, 0] = 0
-    slot_valid = (torch.arange(budget)[None, None] < kept[..., None])[:, None].to(DEVICE)
-    return query, keys, values, indices, slot_valid
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

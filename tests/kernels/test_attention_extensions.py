@@ -20,7 +20,7 @@ from doublesparse.kernels.sparse_attention import (
     sparse_attention_triton,
 )
 from kernel_cases import DEVICE, DTYPES, randn
-from test_kernels_sparse_attention import CASES, random_problem
+from kernel_cases import CASES, random_problem
 
 # ---------------------------------------------------------------------------------------------
 # Called without the new arguments, every op returns exactly what it returned before them.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_default_model.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_default_model.py"
 TINY_ARGS = [
     "--steps", "4", "--num-layers", "2", "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2",
     "--num-kv-heads", "1", "--head-dim", "16", "--vocab-size", "384", "--context-lengths", "160,256",
