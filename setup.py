@@ -24,7 +24,11 @@ setup(
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
     include_package_data=True,
-    package_data={"doublesparse": ["assets/**/*"], "doublesparse.kernels": ["*.c"], "doublesparse.eval": ["tasks/**/*"]},
+    package_data={
+        "doublesparse": ["assets/**/*"],
+        "doublesparse.kernels": ["*.c"],
+        "doublesparse.eval": ["tasks/**/*"],
+    },
     # Ranges cover the GPU test machine (torch 2.11, triton 3.6, transformers 5.17) up to the
     # versions pinned here. With torch present in range nothing is replaced; on a fresh CPU machine
     # of this workplace the newest torch below 2.14 is the local 2.13.0+cpu wheel, and triton
@@ -33,6 +37,8 @@ setup(
         "torch>=2.11,<2.14",
         "triton>=3.6,<3.8; platform_system == 'Linux'",
         "transformers>=5.17,<5.24",
+        # device_map dispatch, tensor-parallel loading and GGUF loading in transformers go through it.
+        "accelerate>=1.1",
         "datasets>=3.0",
         "einops>=0.7",
         "lm-eval>=0.4.5",
