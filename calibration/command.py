@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     written = [str(out)]
     if args.format == "json":
         json_path = out.with_suffix(".json")
-        mask.to_authors_json(json_path)
+        mask.to_authors_json(json_path, warn=False)  # the note below says it
         written.append(str(json_path))
         print(sglang_classic_note(mask.layout), file=sys.stderr)
 

@@ -254,14 +254,14 @@ class ChannelMask:
         mask.source_hash_note = "computed at load: JSON files carry no hash"
         return mask
 
-    def to_authors_json(self, path: PathLike) -> None:
+    def to_authors_json(self, path: PathLike, *, warn: bool = True) -> None:
         """Write the authors'/SGLang JSON format (per query head rows for q/qk, KV rows for k), atomically.
 
         SGLang's classic backend serves it correctly only for MHA models (serving.py says why); for a GQA
-        model a warning is logged.
+        model a warning is logged unless `warn` is False (a caller that tells the user itself).
         """
         problem = sglang_classic_problem(self.layout)
-        if problem is not None:
+        if problem is not None and warn:
             logger.warning("doublesparse: %s", problem)
         data: dict[str, list] = {}
         group = self.layout.num_heads // self.layout.num_kv_heads

@@ -7,7 +7,9 @@ and how far apart the logits are, to `<out>/rank<r>.json`. Calibration under TP 
 single-process calibration; a mask made of one rank's rows and a model whose KV heads do not split
 over the ranks must fail with a ValueError naming the rank.
 
-Usage: torchrun --nproc-per-node 2 tests/tensor_parallel_worker.py MODEL_DIR SPLIT_MODEL_DIR OUT_DIR
+Usage: torchrun --nproc-per-node 2 tests/tensor_parallel_worker.py MODEL_DIR SPLIT_DIR FUSED_DIR OUT_DIR
+(MODEL_DIR: 4 query / 2 KV heads; SPLIT_DIR: one KV head, which cannot split over 2 ranks; FUSED_DIR: a
+Phi-3, whose fused qkv projection transformers shards and gathers back.)
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def error_of(function) -> str:
 
 
 def main() -> None:
-    model_dir, split_dir, out_dir = sys.argv[1:4]
+    model_dir, split_dir, fused_dir, out_dir = sys.argv[1:5]
     torch.manual_seed(0)
     sharded = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=torch.float32).eval()
     whole = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -133,6 +135,20 @@ def main() -> None:
         "tokens": [single.calibration["tokens"], gathered.calibration["tokens"]],
     }
 
+    # A fused qkv projection whose output transformers gathers (Phi-3's plan): every rank sees every head.
+    fused_sharded = AutoModelForCausalLM.from_pretrained(fused_dir, tp_plan="auto", dtype=torch.float32).eval()
+    fused_whole = AutoModelForCausalLM.from_pretrained(fused_dir, dtype=torch.float32).eval()
+    fused_mask = random_channel_mask(fused_whole, seed=4)
+    fields = dict(selection="group", label_bits=4, num_channels=4, token_budget=6)
+    try:
+        report["fused_gathered"] = run_case(
+            fused_sharded, fused_whole, fused_mask, None, "generate", fields, input_ids, attention_mask
+        )
+    except Exception as error:
+        report["fused_gathered"] = {"error": f"{type(error).__name__}: {error}"}
+    prefetch = ds.SparsityConfig(num_channels=4, offload=True, prefetch=True)
+    report["fused_prefetch_error"] = error_of(lambda: ds.apply(fused_sharded, fused_mask, prefetch))
+
     # A mask of one rank's rows only does not fit: the error names the rank and the head counts.
     local = ds.ChannelMask(mask.ranking[:, :2], "qk", ds.HeadLayout.from_config(whole.config), per_kv_head=False)
     report["local_mask_error"] = error_of(lambda: ds.apply(sharded, local, ds.SparsityConfig(num_channels=4)))
@@ -155,6 +171,8 @@ def _expected_rows(mask, config, shard, model_config) -> torch.Tensor:
     """This rank's channel rows, sliced from the whole model's plan by the rank's global head indices."""
     layout = ds.HeadLayout.from_config(model_config)
     whole_rows = ds.plan.layer_plans(mask, config, layout)[0].channels
+    if shard is None:  # every head on every rank
+        return whole_rows
     if config.selection == "group":
         return whole_rows[shard.kv_start : shard.kv_stop]
     return whole_rows[shard.q_start : shard.q_stop]

@@ -109,3 +109,15 @@ def test_offload_copy_buffers_are_per_device():
     cache.buffers_for(other).sync_views((1, 2, 4, 16), torch.float32, other)
     assert cache.buffers_for(cpu).sync_views((1, 2, 4, 16), torch.float32, cpu)[0].data_ptr() == keys.data_ptr()
     assert cache.memory()["device_buffers"] == 2 * 2 * (1 * 2 * 4 * 16 * 4)
+
+
+def test_calibration_of_a_dispatched_model_equals_the_whole_ones(models):
+    from doublesparse.calibration import calibrate_blocks
+
+    dispatched, whole = models
+    blocks = torch.randint(3, 128, (3, 20), generator=torch.Generator().manual_seed(2))
+    want = calibrate_blocks(whole, blocks, progress=False)
+    got = calibrate_blocks(dispatched, blocks, progress=False)
+    assert torch.equal(want.ranking, got.ranking)
+    for kind in want.statistics:
+        torch.testing.assert_close(got.statistics[kind], want.statistics[kind])

@@ -27,6 +27,7 @@ def tp_report(tmp_path_factory):
     tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=16, num_layers=2).save_pretrained(folder / "model")
     # One KV head cannot be split over two ranks: doublesparse must refuse it.
     tiny_model("llama", num_heads=2, num_kv_heads=1, head_dim=16, num_layers=2).save_pretrained(folder / "split")
+    tiny_model("phi3", num_heads=4, num_kv_heads=2, head_dim=16, num_layers=2).save_pretrained(folder / "fused")
     out = folder / "out"
     out.mkdir()
     command = [
@@ -39,6 +40,7 @@ def tp_report(tmp_path_factory):
         str(WORKER),
         str(folder / "model"),
         str(folder / "split"),
+        str(folder / "fused"),
         str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -96,3 +98,12 @@ def test_kv_heads_that_do_not_split_are_refused(tp_report):
         message = rank["split_head_error"]
         assert f"rank {rank['rank']} of 2" in message and "not whole" in message, message
         assert rank["split_head_untouched"]
+
+
+def test_a_gathered_fused_projection_keeps_every_head_on_every_rank(tp_report):
+    for rank in tp_report:
+        result = rank["fused_gathered"]
+        assert "error" not in result, result.get("error")
+        assert result["tokens_equal"] and result["max_logit_diff"] < LOGIT_TOLERANCE
+        assert result["plan_heads"] == [4, 2, 2] and result["plan_channels_equal"]
+        assert "fused qkv" in rank["fused_prefetch_error"] and "prefetch=False" in rank["fused_prefetch_error"]

@@ -94,6 +94,13 @@ def query_predictors(
                 "`self_attn` (with q_proj or qkv_proj), `input_layernorm` and its module's `apply_rotary_pos_emb`, "
                 "and this model lacks one of them: use SparsityConfig(offload=True, prefetch=False)"
             )
+        fused = getattr(attention, "qkv_proj", None)
+        if getattr(attention, "q_proj", None) is None and type(fused.weight).__name__ == "DTensor":
+            raise ValueError(
+                f"{type(model).__name__} layer {index}: prefetch slices the query rows out of the fused qkv "
+                "projection's weight, which tensor parallelism has split over the ranks: use "
+                "SparsityConfig(offload=True, prefetch=False)"
+            )
         text = (
             attention.config.get_text_config(decoder=True)
             if hasattr(attention.config, "get_text_config")
