@@ -77,8 +77,8 @@ def head_shards(
     names = {id(module): name for name, module in model.named_modules()}
     shards: dict[int, HeadShard] = {}
     for module in modules:
-        query = _projection_shard(model, module, "q_proj", names, plan, layout.num_heads, layout)
-        key = _projection_shard(model, module, "k_proj", names, plan, layout.num_kv_heads, layout)
+        query = _projection_shard(module, "q_proj", names, plan, layout.num_heads, layout)
+        key = _projection_shard(module, "k_proj", names, plan, layout.num_kv_heads, layout)
         if query is None and key is None:
             continue
         rank, world, group = (query or key)[2:]
@@ -128,7 +128,6 @@ def gather_head_rows(local: torch.Tensor, shards: dict[int, HeadShard], num_head
 
 
 def _projection_shard(
-    model: torch.nn.Module,
     module: torch.nn.Module,
     name: str,
     names: dict[int, str],
@@ -158,9 +157,14 @@ def _projection_shard(
             f"layer {module.layer_idx}: a fused qkv projection sharded colwise packs query, key and value rows "
             "together; doublesparse serves tensor parallelism only with separate q_proj/k_proj"
         )
-    start, stop = _global_rows(weight)
     mesh = weight.device_mesh
-    rank, world = _mesh_rank(mesh)
+    if mesh.ndim != 1:
+        raise ValueError(
+            f"layer {module.layer_idx}: {name} is distributed over a {mesh.ndim}-D device mesh; doublesparse reads "
+            "heads from weights on a 1-D tensor-parallel mesh (as transformers 5.17-5.23 place them)"
+        )
+    start, stop = _global_rows(weight)
+    rank, world = int(mesh.get_local_rank()), int(mesh.size())
     where = f"rank {rank} of {world}, layer {module.layer_idx}"
     head_dim = layout.head_dim
     if start % head_dim or stop % head_dim or stop > num_heads * head_dim:
@@ -172,7 +176,7 @@ def _projection_shard(
         )
     if start == stop:
         raise ValueError(f"{where}: {name} holds no head at all ({num_heads} heads over {world} ranks)")
-    group = mesh.get_group() if mesh.ndim == 1 else mesh.get_group(mesh.mesh_dim_names[-1])
+    group = mesh.get_group()
     return start // head_dim, stop // head_dim, rank, world, group
 
 
@@ -197,10 +201,6 @@ def _global_rows(weight: Any) -> tuple[int, int]:
     if tuple(local_shape) != tuple(weight.to_local().shape):
         raise ValueError(f"a projection's local shard {tuple(weight.to_local().shape)} disagrees with its metadata")
     return int(offset[0]), int(offset[0]) + int(local_shape[0])
-
-
-def _mesh_rank(mesh: Any) -> tuple[int, int]:
-    return int(mesh.get_local_rank(mesh.ndim - 1)), int(mesh.size(mesh.ndim - 1))
 
 
 def _is_dtensor(tensor: Any) -> bool:
