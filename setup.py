@@ -43,6 +43,8 @@ setup(
         "torch>=2.11,<2.14",
         "triton>=3.6,<3.8; platform_system == 'Linux'",
         "transformers>=5.17,<5.24",
+        # device_map dispatch, tensor-parallel loading and GGUF loading in transformers go through it.
+        "accelerate>=1.1",
         "datasets>=3.0",
         "einops>=0.7",
         "lm-eval>=0.4.5",

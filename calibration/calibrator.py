@@ -18,7 +18,8 @@ import torch
 from doublesparse.channels import KINDS, ChannelMask, rank_statistic
 from doublesparse.layout import HeadLayout
 from doublesparse.patch import is_patched
-from doublesparse.support import attention_modules, check_supported
+from doublesparse.sharding import gather_head_rows, head_shards, local_layout
+from doublesparse.support import attention_modules, check_supported, module_device
 
 from .capture import capturing
 from .data import calibration_blocks
@@ -81,9 +82,13 @@ def calibrate_blocks(
     pair_dim = rope_pair_dim(model.config, layout.head_dim) if keep_rope_pairs else 0
     started = _start_time()
 
-    statistics = ChannelStatistics(layout)
+    # Under tensor parallelism each rank sees its own heads; their statistics are put back together.
+    shards = head_shards(model, modules, layout)
+    statistics = ChannelStatistics(local_layout(layout, shards))
     _run_forwards(model, modules, statistics, input_ids, attention_mask, batch_size, progress)
     means = statistics.means()
+    if shards:
+        means = {kind: gather_head_rows(mean, shards, layout.num_heads) for kind, mean in means.items()}
     metadata = {
         "source": "token blocks",
         **(calibration or {}),
@@ -179,7 +184,7 @@ def _run_forwards(
 ) -> None:
     from tqdm.auto import tqdm
 
-    device = model.get_input_embeddings().weight.device
+    device = module_device(model.get_input_embeddings())  # where accelerate computes it, for a dispatched model
     extra = {"use_cache": False}
     # Logits over the whole vocabulary are not needed: ask for the last position only where supported.
     if "logits_to_keep" in inspect.signature(model.forward).parameters:

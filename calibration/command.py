@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -51,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         default="safetensors",
         choices=("safetensors", "json"),
-        help="json also writes the authors'/SGLang JSON beside the file",
+        help="json also writes the authors'/SGLang JSON beside the file (SGLang's classic backend serves it for MHA "
+        "models only; a GQA model gets a warning, see docs/scaling.md)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from doublesparse.calibration.calibrator import calibrate, check_settings
     from doublesparse.calibration.data import default_data_path, read_documents
     from doublesparse.calibration.report import concentration_summary, radii_for
+    from doublesparse.serving import sglang_classic_note
 
     check_settings(kind=args.kind, num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
     out = Path(args.out)
@@ -95,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
     written = [str(out)]
     if args.format == "json":
         json_path = out.with_suffix(".json")
-        mask.to_authors_json(json_path)
+        mask.to_authors_json(json_path, warn=False)  # the note below says it
         written.append(str(json_path))
+        print(sglang_classic_note(mask.layout), file=sys.stderr)
 
     tokens = mask.calibration["tokens"]
     layout = mask.layout
@@ -110,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         f"{layout.head_dim}; ranked by {mask.kind}{', RoPE pairs kept' if args.keep_rope_pairs else ''}"
     )
     print(f"  wrote {', '.join(written)}")
+    print(f"  content sha256 {mask.content_hash()}")
     print(f"share of the {mask.kind} statistic in the top r channels (mean over heads):")
     print(concentration_summary(mask, radii_for(layout.head_dim)))
     return 0
@@ -122,6 +128,11 @@ def load_model(name: str | None, dtype: str, device_map: str | None, device: str
 
     if name is None:
         name = _bundled_model()
+    if device_map and importlib.util.find_spec("accelerate") is None:
+        raise ValueError(
+            f"--device-map {device_map} needs the accelerate package, which is not installed: pip install accelerate "
+            "(a declared dependency of doublesparse; missing after pip install --no-deps)"
+        )
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)

@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from doublesparse.channels import ChannelMask
 
     mask = ChannelMask.load(args.channels, kind=args.kind)
+    pinned = f"content sha256 {mask.source_hash} ({mask.source_hash_note})"  # of the file, before any view
     if not 1 <= args.r <= mask.head_dim:
         raise ValueError(f"--r must be in [1, {mask.head_dim}] (the head_dim), got {args.r}")
     if args.layer is not None and not 0 <= args.layer < mask.num_layers:
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     rows = "KV heads" if mask.per_kv_head else "heads"
     shape = f"{mask.num_layers} layers x {mask.num_heads} {rows} x {mask.head_dim} channels"
     print(f"{args.channels}: {mask.kind} ranking, {shape}")
+    print(f"  {pinned}")
     if layout.name:
         print(f"  model {layout.name} ({layout.model_type})")
     if settings.get("tokens"):

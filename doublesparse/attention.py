@@ -40,6 +40,7 @@ def double_sparse_attention(
     plan: Optional[LayerPlan] = getattr(module, PLAN_ATTRIBUTE, None)
     if plan is None or plan.dense or module.training or kwargs.get("sliding_window"):
         return call.dense()
+    plan.check_heads(query, key)
     if isinstance(layer, SparseLayer):
         return layer.attend(call, plan)
     return attend_over_labels(call, plan)

@@ -4,6 +4,10 @@ Stored as safetensors: the ranking tensor (and, when calibration produced them, 
 statistics of every kind), with JSON metadata (kind, head layout, model identity, calibration
 settings). The authors' JSON format (also read by SGLang) loads too.
 
+Every saved file carries a content hash in its metadata (`content_sha256`, see `content_hash`), checked
+when it is loaded, so that a mask served somewhere can be pinned by it; files written before hashes
+existed load with their hash computed.
+
 Reducing per-query-head rankings to per-KV-head ones (GQA). Where per-channel statistics are stored,
 the statistics of the query heads of a group are summed and ranked again. Where only rankings exist
 (the authors' files), the rankings are combined by Borda count: each channel scores the sum over the
@@ -13,6 +17,7 @@ the best single position, then to the lower channel index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,11 +31,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .layout import HeadLayout
+from .serving import sglang_classic_problem
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("q", "k", "qk")
 FORMAT_VERSION = "1"
+HASH_KEY = "content_sha256"
 PathLike = Union[str, os.PathLike]
 
 
@@ -48,6 +55,9 @@ class ChannelMask:
     per_kv_head: bool
     statistics: dict[str, torch.Tensor] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    # Set by `load`: the content hash of the file this mask was read from, and how it was obtained.
+    source_hash: str = field(default="", init=False, compare=False, repr=False)
+    source_hash_note: str = field(default="", init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -149,12 +159,22 @@ class ChannelMask:
         return top.sum(-1) / stat.sum(-1).clamp_min(1e-30)
 
     # ----------------------------------------------------------------------------------- files
-    def save(self, path: PathLike) -> None:
-        """Write a safetensors file atomically (temp file in the same folder, then rename)."""
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a saved file holds: the ranking (int32) and each statistic (float32)."""
         tensors = {"ranking": self.ranking.to(torch.int32).contiguous()}
         for kind, stat in self.statistics.items():
             tensors[f"statistics.{kind}"] = stat.float().contiguous()
+        return tensors
+
+    def content_hash(self) -> str:
+        """The SHA-256 content hash a saved file of this mask carries (see `content_hash`)."""
+        return content_hash(self.file_tensors())
+
+    def save(self, path: PathLike) -> None:
+        """Write a safetensors file atomically (temp file in the same folder, then rename), with its content hash."""
+        tensors = self.file_tensors()
         metadata = {
+            HASH_KEY: content_hash(tensors),
             "format": "doublesparse.channel_mask",
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
@@ -181,6 +201,13 @@ class ChannelMask:
             if metadata.get("format") != "doublesparse.channel_mask":
                 raise ValueError(f"{str(path)!r} is not a doublesparse channel mask (no format metadata)")
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        digest = content_hash(tensors)
+        stored = metadata.get(HASH_KEY)
+        if stored is not None and stored != digest:
+            raise ValueError(
+                f"{str(path)!r}: its tensors hash to sha256 {digest}, but its metadata records {stored}: the file "
+                "changed after it was written (corrupted or edited); restore it or calibrate again"
+            )
         mask = cls(
             ranking=tensors["ranking"],
             kind=metadata["kind"],
@@ -189,7 +216,14 @@ class ChannelMask:
             statistics={n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith("statistics.")},
             calibration=json.loads(metadata.get("calibration", "{}")),
         )
-        return mask.with_kind(kind) if kind else mask
+        mask = mask.with_kind(kind) if kind else mask
+        mask.source_hash = digest
+        if stored is not None:
+            mask.source_hash_note = "verified against the file's metadata"
+        else:
+            mask.source_hash_note = "computed at load: the file carries no hash (written before hashes were added)"
+            logger.info("%s carries no content hash; computed sha256 %s", path, digest)
+        return mask
 
     @classmethod
     def _load_authors_json(cls, path: Path, kind: str, layout: Optional[HeadLayout]) -> "ChannelMask":
@@ -215,10 +249,20 @@ class ChannelMask:
         note = {"source": "authors-json", "file": path.name}
         if kind in ("q", "k"):
             note["note"] = "the authors rank q and k channels before RoPE"
-        return cls(ranking=ranking, kind=kind, layout=layout, per_kv_head=per_kv, calibration=note)
+        mask = cls(ranking=ranking, kind=kind, layout=layout, per_kv_head=per_kv, calibration=note)
+        mask.source_hash = mask.content_hash()
+        mask.source_hash_note = "computed at load: JSON files carry no hash"
+        return mask
 
-    def to_authors_json(self, path: PathLike) -> None:
-        """Write the authors'/SGLang JSON format (per query head rows for q/qk, KV rows for k), atomically."""
+    def to_authors_json(self, path: PathLike, *, warn: bool = True) -> None:
+        """Write the authors'/SGLang JSON format (per query head rows for q/qk, KV rows for k), atomically.
+
+        SGLang's classic backend serves it correctly only for MHA models (serving.py says why); for a GQA
+        model a warning is logged unless `warn` is False (a caller that tells the user itself).
+        """
+        problem = sglang_classic_problem(self.layout)
+        if problem is not None and warn:
+            logger.warning("doublesparse: %s", problem)
         data: dict[str, list] = {}
         group = self.layout.num_heads // self.layout.num_kv_heads
         kinds = sorted(set(self.statistics) | {self.kind})
@@ -304,6 +348,22 @@ def borda_reduce(ranking: torch.Tensor, group: int) -> torch.Tensor:
     # One sortable key: total position first, then best single position, then channel index.
     key = (total * (dim + 1) + best) * dim + torch.arange(dim)
     return key.argsort(dim=-1)
+
+
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a mask file's tensors, independent of how the file's header is laid out.
+
+    For each tensor in name order: its name, dtype and shape as one line `name dtype d0,d1,...` and a
+    newline, then its elements' bytes in little-endian, row-major order.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = tensors[name].detach().cpu().contiguous().numpy()
+        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        dtype = str(tensors[name].dtype).removeprefix("torch.")
+        digest.update(f"{name} {dtype} {','.join(str(n) for n in array.shape)}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def _save_canonical(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:

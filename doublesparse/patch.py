@@ -27,6 +27,7 @@ from .config import SparsityConfig
 from .layout import HeadLayout
 from .offload import OffloadCache, Prefetcher, host_kv_bytes, install_prefetch_hooks, query_predictors
 from .plan import LayerPlan, layer_plans
+from .sharding import HeadShard, head_shards, local_layout
 from .step import SparseLayer
 from .support import attention_modules, check_supported, module_device
 
@@ -46,6 +47,7 @@ class PatchState:
     layout: HeadLayout
     plans: dict[int, LayerPlan]
     attention: Optional[AttentionPatch] = None
+    shards: Optional[dict[int, HeadShard]] = None  # the heads this rank holds, under tensor parallelism
 
 
 def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[SparsityConfig] = None) -> torch.nn.Module:
@@ -62,11 +64,13 @@ def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[Spars
     layout = HeadLayout.from_config(model.config)
     check_supported(model, layout)
     mask = channels if isinstance(channels, ChannelMask) else ChannelMask.load(channels, layout=layout)
-    mask.validate(layout)
-    config.check_model(layout.num_layers, layout.head_dim)
     modules = attention_modules(model, layout)
+    shards = head_shards(model, modules, layout)  # the heads this rank holds, under tensor parallelism
+    _validate_mask(mask, layout, shards)
+    config.check_model(layout.num_layers, layout.head_dim)
     # The kernel backend of every layer is resolved here, once, for the device the layer sits on.
-    plans = layer_plans(mask, config, layout, {module.layer_idx: module_device(module) for module in modules})
+    devices = {module.layer_idx: module_device(module) for module in modules}
+    plans = layer_plans(mask, config, layout, devices, shards)
     predictors = query_predictors(model, modules) if config.prefetch else None  # validates before patching
     if layout.sliding_layers:
         logger.warning("doublesparse: sliding-window layers %s stay dense", list(layout.sliding_layers))
@@ -78,7 +82,7 @@ def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[Spars
             patch.hooks.extend(install_prefetch_hooks(predictors, plans))
         patch.hooks.append(_decoder(model).register_forward_pre_hook(_label_cache_hook(model), with_kwargs=True))
 
-    state = PatchState(config, mask, layout, plans)
+    state = PatchState(config, mask, layout, plans, shards=shards)
     setattr(model, STATE_ATTRIBUTE, state)
     try:
         per_module = {module: plans[module.layer_idx] for module in modules}
@@ -89,6 +93,20 @@ def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[Spars
         delattr(model, STATE_ATTRIBUTE)
         raise
     return model
+
+
+def _validate_mask(mask: ChannelMask, layout: HeadLayout, shards: Optional[dict[int, HeadShard]]) -> None:
+    """`mask.validate(layout)`; under tensor parallelism the error also names the rank and its heads."""
+    try:
+        mask.validate(layout)
+    except ValueError as error:
+        if not shards:
+            raise
+        shard = shards[min(shards)]
+        raise ValueError(
+            f"{shard.describe(layout)}. Pass the whole model's mask to every rank (each rank keeps its own heads' "
+            f"rows): {error}"
+        ) from error
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
@@ -170,7 +188,7 @@ def _offload_cache(
     if state.config.prefetch:
         cache.prefetcher = Prefetcher(cache, measure_recall)
     if max_cache_len is not None and batch_size is not None:
-        layout = state.layout
+        layout = local_layout(state.layout, state.shards)
         dtype = next(model.parameters()).dtype
         per_layer = host_kv_bytes(1, batch_size, layout.num_kv_heads, layout.head_dim, max_cache_len, dtype)
         cache.host_budget.reserve(

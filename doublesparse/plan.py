@@ -1,9 +1,10 @@
 """`LayerPlan`: what one attention layer does under Double Sparsity, fixed when the model is patched.
 
-A plan holds the layer's label channels, how many selection heads it ranks for, whether it stays
-dense, and the kernel backend. The backend is resolved once, for the device the layer runs on, when
-the model is patched (and again only if the layer later runs on another kind of device), so no op
-call re-decides it.
+A plan holds the layer's label channels, how many selection heads it ranks for, the query and KV
+heads its attention calls carry (under tensor parallelism: this rank's, with the channels sliced to
+them, see sharding.py), whether it stays dense, and the kernel backend. The backend is resolved once,
+for the device the layer runs on, when the model is patched (and again only if the layer later runs
+on another kind of device), so no op call re-decides it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .channels import ChannelMask
 from .config import SparsityConfig
 from .kernels.dispatch import resolve_backend
 from .layout import HeadLayout
+from .sharding import HeadShard
 
 
 @dataclass
@@ -30,6 +32,9 @@ class LayerPlan:
     dense: bool = False
     backend: Optional[str] = None  # resolved ('torch', 'triton' or 'cpu') for `backend_device`
     backend_device: Optional[str] = None
+    num_heads: Optional[int] = None  # query and KV heads of this layer's attention calls (this rank's)
+    num_kv_heads: Optional[int] = None
+    shard: Optional[HeadShard] = None  # the heads this rank holds, under tensor parallelism
 
     def channels_on(self, device: torch.device) -> torch.Tensor:
         """The label channels on `device` (moved once, then kept there)."""
@@ -44,21 +49,50 @@ class LayerPlan:
             self.backend_device = device.type
         return self.backend
 
+    def check_heads(self, query: torch.Tensor, key: torch.Tensor) -> None:
+        """ValueError unless an attention call carries the query and KV heads this plan was made for."""
+        if self.num_heads is None or (query.shape[1], key.shape[1]) == (self.num_heads, self.num_kv_heads):
+            return
+        where = f"rank {self.shard.rank} of {self.shard.world_size}, " if self.shard is not None else ""
+        raise ValueError(
+            f"{where}layer {self.layer_idx}: the attention call has {query.shape[1]} query heads and {key.shape[1]} "
+            f"KV heads, but the plan was made for {self.num_heads} and {self.num_kv_heads}: the model's heads are "
+            "split in a way doublesparse did not detect (tensor parallelism?); patch the model as it is loaded"
+        )
+
 
 def layer_plans(
-    mask: ChannelMask, config: SparsityConfig, layout: HeadLayout, devices: Optional[dict[int, torch.device]] = None
+    mask: ChannelMask,
+    config: SparsityConfig,
+    layout: HeadLayout,
+    devices: Optional[dict[int, torch.device]] = None,
+    shards: Optional[dict[int, HeadShard]] = None,
 ) -> dict[int, LayerPlan]:
-    """One plan per layer: label channels and selection heads, or dense; backends resolved for `devices`."""
+    """One plan per layer: label channels and selection heads, or dense; backends resolved for `devices`.
+
+    With `shards` (tensor parallelism) every layer keeps only the rows of the heads this rank holds.
+    """
     if config.selection == "group":
         mask = mask.per_kv()
-        num_select_heads = layout.num_kv_heads
-    else:
-        num_select_heads = layout.num_heads
     top = mask.top(config.num_channels)
     plans = {}
     for layer in range(layout.num_layers):
         dense = layer in config.dense_layers or layer in layout.sliding_layers
-        plan = LayerPlan(layer, config, None if dense else top[layer].clone(), num_select_heads, dense)
+        shard = shards.get(layer) if shards else None
+        num_heads = shard.num_heads if shard else layout.num_heads
+        num_kv_heads = shard.num_kv_heads if shard else layout.num_kv_heads
+        rows = top[layer][shard.rows(mask.per_kv_head)] if shard else top[layer]
+        num_select_heads = num_kv_heads if config.selection == "group" else num_heads
+        plan = LayerPlan(
+            layer,
+            config,
+            None if dense else rows.clone(),
+            num_select_heads,
+            dense,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            shard=shard,
+        )
         if not dense and devices is not None and layer in devices:
             plan.backend_on(devices[layer])
         plans[layer] = plan

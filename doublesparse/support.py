@@ -47,7 +47,14 @@ def check_supported(model: torch.nn.Module, layout: HeadLayout) -> None:
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
-    """The device of a module's first parameter (CPU for a module without parameters)."""
+    """The device a module computes on: its first parameter's (CPU for a module without parameters).
+
+    A module that accelerate dispatches (device_map, CPU or disk offload) computes on its hook's execution
+    device, wherever its weights rest between calls (on "meta" when offloaded).
+    """
+    hook_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if hook_device is not None:
+        return torch.device(hook_device if not isinstance(hook_device, int) else f"cuda:{hook_device}")
     for parameter in module.parameters():
         return parameter.device
     return torch.device("cpu")

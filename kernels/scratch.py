@@ -8,7 +8,9 @@ it). A preallocated decode step asks for the same shapes at every step, so it ta
 from a `Scratch` that hands the same memory back. CUDA needs none of this: its caching allocator
 already reuses memory, and the Triton kernels keep their temporaries in registers.
 
-A tensor obtained from a `Scratch` is valid until the next request of the same name.
+A tensor obtained from a `Scratch` is valid until the next request of the same name on the same
+device. Buffers are kept per device, so the layers of a model split over devices (which share one
+cache) each reuse their own device's temporaries instead of reallocating them at every layer.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ class Scratch:
     """Named buffers handed back for every request of the same name, shape, dtype and device."""
 
     def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """An uninitialised buffer: the one handed out last time under `name` if it matches."""
-        buffer = self._buffers.get(name)
-        if buffer is None or tuple(buffer.shape) != tuple(shape) or buffer.dtype != dtype or buffer.device != device:
+        """An uninitialised buffer: the one handed out last time under `name` on `device` if it matches."""
+        key = (name, torch.device(device))
+        buffer = self._buffers.get(key)
+        if buffer is None or tuple(buffer.shape) != tuple(shape) or buffer.dtype != dtype:
             buffer = torch.empty(shape, dtype=dtype, device=device)
-            self._buffers[name] = buffer
+            self._buffers[key] = buffer
         return buffer
 
     def nbytes(self) -> int:

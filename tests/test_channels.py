@@ -117,3 +117,89 @@ def test_bad_indices_are_rejected(corrupt, message):
 def test_mask_for_another_model_is_rejected(other, message):
     with pytest.raises(ValueError, match=message):
         random_mask(LAYOUT).validate(other)
+
+
+# --------------------------------------------------------------------------- content hash (pinning)
+
+
+def _saved_with_statistics(tmp_path):
+    from tiny_models import tiny_model
+
+    from doublesparse.calibration import calibrate_blocks
+
+    model = tiny_model("llama")
+    mask = calibrate_blocks(model, torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0)), progress=False)
+    path = tmp_path / "mask.safetensors"
+    mask.save(path)
+    return mask, path
+
+
+def test_saved_mask_carries_its_content_hash_and_load_verifies_it(tmp_path):
+    from safetensors import safe_open
+
+    mask, path = _saved_with_statistics(tmp_path)
+    with safe_open(str(path), framework="pt") as handle:
+        stored = handle.metadata()["content_sha256"]
+    assert stored == mask.content_hash() and len(stored) == 64
+    loaded = ChannelMask.load(path)
+    assert loaded.source_hash == stored and loaded.source_hash_note.startswith("verified")
+    # A view (another kind) keeps the file's hash on the loaded object.
+    assert ChannelMask.load(path, kind="k").source_hash == stored
+
+
+def _tamper(path, name, swap):
+    """Change the bytes of tensor `name` in place, keeping the file loadable."""
+    data = bytearray(path.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    begin, _ = header[name]["data_offsets"]
+    start = 8 + size + begin
+    swap(data, start)
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_ranking_or_statistic_is_refused_naming_the_file(tmp_path):
+    _, path = _saved_with_statistics(tmp_path)
+    original = path.read_bytes()
+
+    def swap_first_two_channels(data, start):  # still a permutation: only the hash can tell
+        data[start : start + 4], data[start + 4 : start + 8] = data[start + 4 : start + 8], data[start : start + 4]
+
+    _tamper(path, "ranking", swap_first_two_channels)
+    with pytest.raises(ValueError, match=r"mask\.safetensors.*changed after it was written"):
+        ChannelMask.load(path)
+    path.write_bytes(original)
+
+    def nudge_a_float(data, start):
+        data[start] ^= 1
+
+    _tamper(path, "statistics.qk", nudge_a_float)
+    with pytest.raises(ValueError, match="sha256"):
+        ChannelMask.load(path)
+
+
+def test_files_without_a_hash_load_with_it_computed(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    mask, path = _saved_with_statistics(tmp_path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    del metadata["content_sha256"]
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=metadata)
+    loaded = ChannelMask.load(old)
+    assert loaded.source_hash == mask.content_hash()
+    assert "carries no hash" in loaded.source_hash_note
+    assert torch.equal(loaded.ranking, mask.ranking)
+
+
+def test_content_hash_covers_names_dtypes_shapes_and_bytes():
+    from doublesparse.channels import content_hash
+
+    a = {"ranking": torch.arange(4, dtype=torch.int32).view(1, 1, 4)}
+    assert content_hash(a) == content_hash({"ranking": a["ranking"].clone()})
+    assert content_hash(a) != content_hash({"ranking": a["ranking"].view(1, 4, 1)})
+    assert content_hash(a) != content_hash({"ranking": a["ranking"].to(torch.int64)})
+    assert content_hash(a) != content_hash({"other": a["ranking"]})

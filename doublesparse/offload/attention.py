@@ -60,7 +60,7 @@ def attend_offloaded(layer: "OffloadLayer", call: AttentionCall, plan: LayerPlan
         selection = exact
         host_slots = selection.indices.shape[-1] * (selection.indices.shape[1] // heads)
         shape = (batch, heads, window + host_slots, head_dim)
-        keys, values = layer.owner.buffers.sync_views(shape, layer.window_keys.dtype, query.device)
+        keys, values = layer.owner.buffers_for(query.device).sync_views(shape, layer.window_keys.dtype, query.device)
         indices = selection.indices.reshape(batch, heads, -1)
         keys_store, values_store = layer.host_store()
         gather_rows(keys_store, indices, keys[:, :, window:], backend)

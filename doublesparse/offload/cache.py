@@ -227,9 +227,17 @@ class OffloadCache(HostStoredCache, DoubleSparseCache):
         self.sparsity = config
         self.max_cache_len = max_cache_len
         self.host_budget = HostMemoryBudget(config.host_memory_limit)
-        self.buffers = DeviceBuffers()
+        self.buffers = DeviceBuffers()  # those of the first device that copies (the only one, unless split)
+        self.device_buffers: dict[torch.device, DeviceBuffers] = {}
         # Set by doublesparse.make_cache where the config prefetches (offload/prefetch.py).
         self.prefetcher: Optional[Any] = None
+
+    def buffers_for(self, device: torch.device) -> DeviceBuffers:
+        """The copy buffers of `device`: one set per device, so layers split over devices do not share them."""
+        device = torch.device(device)
+        if device not in self.device_buffers:
+            self.device_buffers[device] = DeviceBuffers() if self.device_buffers else self.buffers
+        return self.device_buffers[device]
 
     def memory(self) -> dict[str, int]:
         """Allocated bytes split by place: host K/V; device labels, window, copy buffers and dense layers' K/V."""
@@ -243,7 +251,8 @@ class OffloadCache(HostStoredCache, DoubleSparseCache):
                 "device_values": 0,
             }
         )
-        report["device_buffers"] = self.buffers.nbytes()
+        distinct = {id(buffers): buffers for buffers in (self.buffers, *self.device_buffers.values())}
+        report["device_buffers"] = sum(buffers.nbytes() for buffers in distinct.values())
         report["host"] = report["host_keys"] + report["host_values"]
         report["device"] = sum(
             report[name]

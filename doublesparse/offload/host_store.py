@@ -184,8 +184,17 @@ class HostStoredCache:
     """
 
     layers: list
-    max_cache_len: Optional[int]
     host_budget: HostMemoryBudget
+
+    # transformers 5.17's Cache has a read-only (deprecated) `max_cache_len` property; ours is plain data.
+    @property
+    def max_cache_len(self) -> Optional[int]:
+        """The preallocated length in tokens, or None when the host store grows."""
+        return self.__dict__.get("_host_max_cache_len")
+
+    @max_cache_len.setter
+    def max_cache_len(self, value: Optional[int]) -> None:
+        self.__dict__["_host_max_cache_len"] = value
 
     def offload_layers(self) -> list[HostStoredLayer]:
         """The layers whose K/V live in host memory, in order."""

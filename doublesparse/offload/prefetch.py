@@ -3,7 +3,8 @@
 A forward pre-hook on decoder layer i predicts layer i+1's query from layer i's input hidden states
 (layer i+1's input norm, q projection, q-norm where the model has one, and RoPE at the current
 position), scores it against layer i+1's labels and selects; the selected rows are copied on a side
-stream of the cache (no module-level streams), ordered by CUDA events, into one of two ring buffers.
+stream of the cache (one per CUDA device, no module-level streams), ordered by CUDA events, into one of two
+ring buffers of that device. Layer i+1 may sit on another device than layer i (device_map): its inputs move there.
 Layers in the sync set select with their own query and copy synchronously: layer 0 always (nothing
 precedes it), the configured `sync_layers`, or by default the layers whose recall (predicted host rows
 found in the exact selection) over the first `prefetch_warmup_steps` decode steps of the cache is below
@@ -26,6 +27,7 @@ from ..kernels.dispatch import label_scores
 from ..kernels.label_scores import gather_query_channels
 from ..plan import LayerPlan
 from ..policy import valid_keys
+from ..support import module_device
 from .cache import OffloadCache, OffloadLayer
 from .host_store import gather_rows
 from .selection import HostSelection, selection_recall, step_selection
@@ -43,6 +45,7 @@ class QueryPredictor:
     num_heads: int
     head_dim: int
     scaling: float
+    device: Optional[torch.device] = None  # where layer j computes (its inputs are moved there first)
 
     def __call__(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -91,6 +94,13 @@ def query_predictors(
                 "`self_attn` (with q_proj or qkv_proj), `input_layernorm` and its module's `apply_rotary_pos_emb`, "
                 "and this model lacks one of them: use SparsityConfig(offload=True, prefetch=False)"
             )
+        fused = getattr(attention, "qkv_proj", None)
+        if getattr(attention, "q_proj", None) is None and type(fused.weight).__name__ == "DTensor":
+            raise ValueError(
+                f"{type(model).__name__} layer {index}: prefetch slices the query rows out of the fused qkv "
+                "projection's weight, which tensor parallelism has split over the ranks: use "
+                "SparsityConfig(offload=True, prefetch=False)"
+            )
         text = (
             attention.config.get_text_config(decoder=True)
             if hasattr(attention.config, "get_text_config")
@@ -106,6 +116,7 @@ def query_predictors(
                 text.num_attention_heads,
                 head_dim,
                 getattr(attention, "scaling", head_dim**-0.5),
+                module_device(attention),
             ),
         )
     return found
@@ -171,6 +182,16 @@ class PendingPrefetch:
     slot: Optional[int] = None
     keys: Optional[torch.Tensor] = None
     values: Optional[torch.Tensor] = None
+    device: Optional[torch.device] = None  # the device whose ring slot `slot` holds the rows
+
+
+@dataclass
+class CopyStream:
+    """One CUDA device's side stream for prefetch copies and the events of its two ring slots."""
+
+    stream: Any
+    ready: list[Any]
+    consumed: list[Any]
 
 
 @dataclass
@@ -198,9 +219,8 @@ class Prefetcher:
         self.recall: dict[int, RecallTally] = {}
         self.predicted_layers: set[int] = set()
         self.chosen_sync: Optional[set[int]] = None
-        self.copy_stream = None
-        self.ready: list[Any] = []
-        self.consumed: list[Any] = []
+        # One side stream per CUDA device the layers sit on (a model split over devices has several).
+        self.copy_streams: dict[torch.device, CopyStream] = {}
 
     # -- decisions --------------------------------------------------------------------------------
 
@@ -270,6 +290,13 @@ class Prefetcher:
         if not (use or measure):
             return
         length = layer.length + 1  # the current token joins the layer in its own attention call
+        device = predictor.device or hidden.device
+        if hidden.device != device:
+            # Layer i and layer i+1 sit on different devices (a model split by device_map).
+            hidden = hidden.to(device, non_blocking=True)
+            position_embeddings = tuple(t.to(device, non_blocking=True) for t in position_embeddings)
+            if isinstance(attention_mask, torch.Tensor):
+                attention_mask = attention_mask.to(device, non_blocking=True)
         query = predictor(hidden, position_embeddings)
         valid = valid_keys(attention_mask, hidden.shape[0], 1, length, hidden.device)
         scores = label_scores(
@@ -292,14 +319,16 @@ class Prefetcher:
         pending = self.pending.pop(layer_idx, None)
         if pending is None or pending.length != length:
             return None
-        if pending.slot is not None and self.copy_stream is not None:
-            torch.cuda.current_stream().wait_event(self.ready[pending.slot])
+        copy = self.copy_streams.get(pending.device) if pending.slot is not None else None
+        if copy is not None:
+            torch.cuda.current_stream(pending.device).wait_event(copy.ready[pending.slot])
         return pending
 
     def release(self, pending: PendingPrefetch) -> None:
         """Mark the ring slot of `pending` free once the attention reading it has run."""
-        if pending.slot is not None and self.copy_stream is not None:
-            self.consumed[pending.slot].record(torch.cuda.current_stream())
+        copy = self.copy_streams.get(pending.device) if pending.slot is not None else None
+        if copy is not None:
+            copy.consumed[pending.slot].record(torch.cuda.current_stream(pending.device))
 
     def record_recall(self, layer_idx: int, predicted: HostSelection, exact: HostSelection, length: int) -> None:
         """Add one step's recall of layer `layer_idx` (reads one number back to the host)."""
@@ -327,28 +356,32 @@ class Prefetcher:
         heads, head_dim = keys_store.shape[2], keys_store.shape[3]
         shape = (batch, heads, window + (num_select // heads) * host_slots, head_dim)
         cuda = layer.device.type == "cuda"
-        if cuda and self.copy_stream is None:
-            self.copy_stream = torch.cuda.Stream(device=layer.device)
-            self.ready = [torch.cuda.Event(), torch.cuda.Event()]
-            self.consumed = [torch.cuda.Event(), torch.cuda.Event()]
-        slot, keys, values = self.cache.buffers.ring_views(
+        copy = self._copy_stream(layer.device) if cuda else None
+        slot, keys, values = self.cache.buffers_for(layer.device).ring_views(
             shape,
             keys_store.dtype,
             layer.device,
-            before_realloc=self.copy_stream.synchronize if cuda else (lambda: None),
+            before_realloc=copy.stream.synchronize if cuda else (lambda: None),
         )
-        pending.slot, pending.keys, pending.values = slot, keys, values
+        pending.slot, pending.keys, pending.values, pending.device = slot, keys, values, layer.device
         indices = selection.indices.reshape(batch, heads, -1)
         if not cuda:
             gather_rows(keys_store, indices, keys[:, :, window:], layer.backend)
             gather_rows(values_store, indices, values[:, :, window:], layer.backend)
             return
         selected = torch.cuda.Event()
-        selected.record(torch.cuda.current_stream())
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(selected)
-            self.copy_stream.wait_event(self.consumed[slot])
-            indices.record_stream(self.copy_stream)
+        selected.record(torch.cuda.current_stream(layer.device))
+        with torch.cuda.stream(copy.stream):
+            copy.stream.wait_event(selected)
+            copy.stream.wait_event(copy.consumed[slot])
+            indices.record_stream(copy.stream)
             gather_rows(keys_store, indices, keys[:, :, window:], layer.backend)
             gather_rows(values_store, indices, values[:, :, window:], layer.backend)
-            self.ready[slot].record(self.copy_stream)
+            copy.ready[slot].record(copy.stream)
+
+    def _copy_stream(self, device: torch.device) -> CopyStream:
+        if device not in self.copy_streams:
+            with torch.cuda.device(device):
+                events = [[torch.cuda.Event(), torch.cuda.Event()] for _ in range(2)]
+            self.copy_streams[device] = CopyStream(torch.cuda.Stream(device=device), *events)
+        return self.copy_streams[device]

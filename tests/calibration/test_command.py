@@ -148,3 +148,33 @@ def test_calibrate_command_checks_before_loading(saved_model, corpus, tmp_path):
     if default_data_path() is None:
         with pytest.raises(ValueError, match="--data"):
             command.run(parse(command, base))
+
+
+def test_json_export_warns_that_sglang_classic_cannot_serve_gqa(saved_model, corpus, tmp_path, capsys, caplog):
+    out = tmp_path / "channels.safetensors"
+    argv = ["--model", str(saved_model), "--data", str(corpus), "--samples", "2", "--seq-len", "32"]
+    command.run(parse(command, argv + ["--device", "cpu", "--out", str(out), "--format", "json", "--no-progress"]))
+    captured = capsys.readouterr()
+    assert "warning: SGLang's classic Double Sparsity backend cannot serve this GQA model" in captured.err
+    assert "4 query heads, 2 KV heads" in captured.err
+    with caplog.at_level("WARNING", logger="doublesparse.channels"):  # the API warns too
+        ChannelMask.load(out).to_authors_json(tmp_path / "again.json")
+    assert any("cannot serve this GQA model" in record.message for record in caplog.records)
+    assert f"content sha256 {ChannelMask.load(out).source_hash}" in captured.out
+    # inspect names the hash and how it was obtained.
+    inspect_command.run(parse(inspect_command, [str(out), "--r", "4", "--per-kv"]))
+    assert f"content sha256 {ChannelMask.load(out).source_hash} (verified" in capsys.readouterr().out
+
+
+def test_device_map_auto_loads_through_accelerate_or_names_it(saved_model, monkeypatch):
+    pytest.importorskip("accelerate")
+    model, _, _ = command.load_model(str(saved_model), "float32", "auto", None)
+    assert next(model.parameters()).device.type == "cpu"
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ValueError, match="pip install accelerate"):
+        command.load_model(str(saved_model), "float32", "auto", None)
