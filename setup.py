@@ -24,7 +24,11 @@ setup(
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
     include_package_data=True,
-    package_data={"doublesparse": ["assets/**/*"], "doublesparse.kernels": ["*.c"], "doublesparse.eval": ["tasks/**/*"]},
+    package_data={
+        "doublesparse": ["assets/**/*"],
+        "doublesparse.kernels": ["*.c"],
+        "doublesparse.eval": ["tasks/**/*"],
+    },
     # Ranges cover the GPU test machine (torch 2.11, triton 3.6, transformers 5.17) up to the
     # versions pinned here. With torch present in range nothing is replaced; on a fresh CPU machine
     # of this workplace the newest torch below 2.14 is the local 2.13.0+cpu wheel, and triton
@@ -41,6 +45,6 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
     entry_points={"console_scripts": ["doublesparse=doublesparse.cli:main"]},
 )
