@@ -102,7 +102,7 @@ def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[Spars
             patch.hooks.extend(install_prefetch_hooks(predictors, plans))
         patch.hooks.append(_decoder(model).register_forward_pre_hook(_label_cache_hook(model), with_kwargs=True))
         if callable(getattr(model, "generate", None)):
-            patch.hooks.append(_GenerateWrapper(model, state))
+            patch.hooks.append(_GenerateWrapper(model))
 
     setattr(model, STATE_ATTRIBUTE, state)
     try:
@@ -283,28 +283,32 @@ def _attention_inputs_hook(state: PatchState):
 
 
 class _GenerateWrapper:
-    """The model's `generate`, telling the attention the prompt's length; `remove()` unwraps it."""
+    """The model's `generate`, telling the attention the prompt's length; `remove()` unwraps it.
 
-    def __init__(self, model: torch.nn.Module, state: PatchState) -> None:
+    A callable object, not a closure, so that a deep copy of the patched model gets a wrapper of its
+    own copy (a copied closure would still call the original model).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        original = model.generate
+        functools.update_wrapper(self, model.generate)
+        model.generate = self
 
-        @functools.wraps(original)
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            # Restored, not cleared: the model may be its own assistant, generating inside its generate.
-            outer = state.prompt_rows
-            state.prompt_rows = _prompt_rows(args, kwargs)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                state.prompt_rows = outer
-
-        self.generate = generate
-        model.generate = generate
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state: Optional[PatchState] = getattr(self.model, STATE_ATTRIBUTE, None)
+        if state is None:
+            return self.__wrapped__(*args, **kwargs)
+        # Restored, not cleared: the model may be its own assistant, generating inside its generate.
+        outer = state.prompt_rows
+        state.prompt_rows = _prompt_rows(args, kwargs)
+        try:
+            return self.__wrapped__(*args, **kwargs)
+        finally:
+            state.prompt_rows = outer
 
     def remove(self) -> None:
         """Restore the model's own `generate`."""
-        if self.model.__dict__.get("generate") is self.generate:
+        if self.model.__dict__.get("generate") is self:
             del self.model.generate
 
 

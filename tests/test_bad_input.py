@@ -228,10 +228,12 @@ def test_2_assisted_generation_equals_plain_sparse_generation(offload):
         assert max(float((a - b).abs().max()) for a, b in zip(other.logits, plain.logits)) < 1e-5
 
 
-def test_2_generate_is_unwrapped_by_remove():
+def test_2_generate_is_unwrapped_by_remove_and_follows_a_deep_copy():
     model = tiny_model("llama")
     ds.apply(model, random_channel_mask(model), SMALL)
     assert "generate" in model.__dict__
+    twin = copy.deepcopy(model)
+    assert twin.generate.model is twin and twin.generate.__wrapped__.__self__ is twin
     ds.remove(model)
     assert untouched(model)
 
