@@ -36,6 +36,7 @@ from .mask_files import (
     read_authors_json,
     read_mask_file,
     save_canonical,
+    write_authors_json,
 )
 from .ranking import borda_reduce, rank_statistic, sum_groups
 
@@ -161,11 +162,17 @@ class ChannelMask:
             self._check_ranking_follows(self.statistics[self.kind], pair_dim)
 
     def _check_ranking_follows(self, statistic: torch.Tensor, pair_dim: int) -> None:
+        # Each channel scores as it was ranked: alone, or (RoPE pairs kept) by its pair's mean. Along
+        # the ranking those scores may not rise, beyond float32 rounding (ties may go either way).
+        score = statistic.double()
         if pair_dim:
-            disagree = (rank_statistic(statistic, pair_dim) != self.ranking).any(dim=-1)
-        else:  # ties may be ordered either way
-            ordered = statistic.gather(-1, self.ranking)
-            disagree = (ordered[..., 1:] > ordered[..., :-1]).any(dim=-1)
+            half = pair_dim // 2
+            partner = torch.arange(score.shape[-1])
+            partner[:pair_dim] = torch.cat([torch.arange(half, pair_dim), torch.arange(half)])
+            score = (score + score[..., partner]) / 2
+        ordered = score.gather(-1, self.ranking)
+        rise = ordered[..., 1:] - ordered[..., :-1]
+        disagree = (rise > 1e-5 * ordered[..., :-1].abs().clamp_min(1e-30)).any(dim=-1)
         bad = disagree.nonzero()
         if len(bad):
             layer, head = (int(x) for x in bad[0])
@@ -378,12 +385,7 @@ class ChannelMask:
                 ranking = ranking.repeat_interleave(group, dim=1)
             for layer in range(self.num_layers):
                 data[f"model.layers.{layer}.self_attn.{kind}_proj"] = ranking[layer].tolist()
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(data, handle)
-
-        atomic_write(path, write)
+        write_authors_json(path, data)
 
 
 def _integer_ranking(ranking: Any) -> torch.Tensor:

@@ -329,3 +329,13 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], Any]) -> 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_authors_json(path: Union[str, os.PathLike], entries: dict[str, list]) -> None:
+    """Write the authors'/SGLang JSON format (`model.layers.{i}.self_attn.{kind}_proj` -> rows), atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(entries, handle)
+
+    atomic_write(path, write)
