@@ -190,7 +190,8 @@ def test_a_context_host_memory_cannot_hold_fails_before_decoding():
         with pytest.raises(ValueError, match="batch 1, the least any batch needs"):
             ds.make_cache(model, max_cache_len=100_000)
         # A cache built without the check fails at the prefill, before allocating.
-        cache = offload.OffloadCache(model.config, {0: torch.arange(4)[None].repeat(2, 1)}, config, max_cache_len=100_000)
+        channels = {0: torch.arange(4)[None].repeat(2, 1)}
+        cache = offload.OffloadCache(model.config, channels, config, max_cache_len=100_000)
         with pytest.raises(ValueError, match="max_cache_len"):
             model(input_ids=input_ids, past_key_values=cache)
         assert all(layer.host_keys.data is None for layer in cache.offload_layers())
