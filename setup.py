@@ -53,6 +53,6 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
     entry_points={"console_scripts": ["doublesparse=doublesparse.cli:main"]},
 )

@@ -16,10 +16,10 @@ from typing import Any, Optional, Sequence
 import torch
 
 from doublesparse.channels import KINDS, ChannelMask, rank_statistic
-from doublesparse.layout import HeadLayout
+from doublesparse.layout import HeadLayout, shape_fingerprint
 from doublesparse.patch import is_patched
 from doublesparse.sharding import gather_head_rows, head_shards, local_layout
-from doublesparse.support import attention_modules, check_supported, module_device
+from doublesparse.support import check_supported, module_device
 
 from .capture import capturing
 from .data import calibration_blocks
@@ -98,7 +98,9 @@ def calibrate_blocks(
         "kind": kind,
         "keep_rope_pairs": bool(keep_rope_pairs),
         "rope_pair_dim": pair_dim,
+        # Where the model was loaded from is not recorded: its name and a hash of its shapes identify it.
         "model": layout.name,
+        "model_fingerprint": shape_fingerprint(model.config),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "versions": _versions(),
         "time": started,
@@ -130,8 +132,7 @@ def check_model(model: torch.nn.Module) -> tuple[HeadLayout, list[torch.nn.Modul
     if is_patched(model):
         raise ValueError("this model is patched by doublesparse: call doublesparse.remove(model) before calibrating")
     layout = HeadLayout.from_config(config)
-    check_supported(model, layout)
-    return layout, attention_modules(model, layout)
+    return layout, check_supported(model, layout)
 
 
 def rope_pair_dim(config: Any, head_dim: int) -> int:

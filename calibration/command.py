@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a .txt file, folder of .txt, .jsonl file, saved dataset folder, or datasets name[:config] "
         "(default: the bundled model's corpus, if installed)",
     )
-    parser.add_argument("--field", default="text", help="text field of jsonl records or dataset rows (default: text)")
-    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--field", help="text field of jsonl records or dataset rows (default: text)")
+    parser.add_argument("--split", help="split of a dataset (default: train)")
     parser.add_argument(
         "--kind", default="qk", choices=("q", "k", "qk"), help="statistic that ranks channels (default: qk)"
     )
@@ -65,19 +65,25 @@ def run(args: argparse.Namespace) -> int:
     from doublesparse.calibration.data import default_data_path, read_documents
     from doublesparse.calibration.report import concentration_summary, radii_for
     from doublesparse.serving import sglang_classic_note
+    from doublesparse.output_paths import check_output_file
 
+    # Everything that can be refused is refused here, before the data is read or the model loaded.
     check_settings(kind=args.kind, num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
     out = Path(args.out)
     if out.suffix == ".json":
         raise ValueError("--out names the safetensors file; add --format json to also write the JSON beside it")
-    if out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a folder: name the file to write")
+    check_output_file(out, "--out")
+    if args.format == "json":
+        check_output_file(out.with_suffix(".json"), "--out (its .json beside it)")
+    check_device(args.device, args.device_map)
+    check_model_source(args.model)
     data = args.data
     if data is None:
         data = default_data_path()
         if data is None:
             raise ValueError("no --data given and no bundled calibration corpus is installed: pass --data PATH_OR_NAME")
-    documents = read_documents(data, field=args.field, split=args.split)
+    check_data_options(data, args.field, args.split)
+    documents = read_documents(data, field=args.field or "text", split=args.split or "train")
     model, tokenizer, model_name = load_model(args.model, args.dtype, args.device_map, args.device)
 
     started = time.perf_counter()
@@ -92,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         keep_rope_pairs=args.keep_rope_pairs,
         progress=not args.no_progress,
-        source=str(data),
+        # The bundled corpus is named by its place in the package, not by this machine's path.
+        source=str(data) if args.data is not None else "doublesparse/assets/default_model/calibration.txt",
     )
     seconds = time.perf_counter() - started
     mask.save(out)
@@ -121,6 +128,56 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_device(device: str | None, device_map: str | None = None) -> None:
+    """ValueError unless `device` (a --device value) names a device this machine has."""
+    import torch
+
+    if device is None:
+        return
+    if device_map:
+        raise ValueError("--device and --device-map both place the model: pass one of them")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None) if parsed.type != "mps" else torch.backends.mps
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise ValueError(f"--device {device!r}: this machine has no {parsed.type} device available: use --device cpu")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"--device {device!r}: this machine has {count} {parsed.type} device(s), numbered from 0")
+
+
+def check_model_source(name: str | None) -> None:
+    """ValueError for a --model that is a folder but not a transformers model folder (no config.json)."""
+    if name is None:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(
+            f"--model {name!r} is a folder without config.json, not a transformers model folder: pass the folder "
+            "that save_pretrained wrote (config.json, weights, tokenizer) or a hub id"
+        )
+    if path.is_file():
+        raise ValueError(f"--model {name!r} is a file: pass the model's folder or a hub id")
+
+
+def check_data_options(data: str | Path, field: str | None, split: str | None) -> None:
+    """ValueError for --field or --split given with a data source they do not apply to (they would be ignored)."""
+    from doublesparse.calibration.data import source_kind
+
+    kind = source_kind(data)
+    if field is not None and kind == "text":
+        raise ValueError(
+            f"--field picks the text field of .jsonl records or dataset rows, but {str(data)!r} is plain text, "
+            "read whole: drop --field"
+        )
+    if split is not None and kind in ("text", "jsonl"):
+        raise ValueError(f"--split picks a split of a dataset, but {str(data)!r} is a file: drop --split")
+
+
 def load_model(name: str | None, dtype: str, device_map: str | None, device: str | None):
     """(model, tokenizer, name) from a folder or hub id, or the bundled model when `name` is None."""
     import torch
@@ -140,7 +197,7 @@ def load_model(name: str | None, dtype: str, device_map: str | None, device: str
         if device_map:
             kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except OSError as error:
+    except (OSError, KeyError) as error:
         raise ValueError(f"cannot load model {name!r}: {error}") from error
     if not device_map:
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -37,28 +37,41 @@ def default_data_path() -> Optional[Path]:
     return path if path.is_file() else None
 
 
+def source_kind(source: PathLike) -> str:
+    """What a data source is: "text" (a text file or folder of .txt), "jsonl", "saved-dataset" or "dataset" (a name).
+
+    ValueError for a path that does not exist.
+    """
+    path = Path(source)
+    if path.is_dir():
+        markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+        return "saved-dataset" if any((path / name).is_file() for name in markers) else "text"
+    if path.is_file():
+        return "jsonl" if path.suffix in (".jsonl", ".json") else "text"
+    if str(source).startswith((".", "/", "~")) or path.suffix in (".txt", ".jsonl", ".json"):
+        raise ValueError(f"calibration data {str(source)!r} does not exist")
+    return "dataset"
+
+
 def read_documents(source: PathLike, *, field: str = "text", split: str = "train") -> list[str]:
     """The non-empty documents of a text file, folder of .txt, jsonl file, saved dataset or dataset name."""
     path = Path(source)
-    if path.is_dir():
-        if (
-            (path / "dataset_info.json").is_file()
-            or (path / "state.json").is_file()
-            or (path / "dataset_dict.json").is_file()
-        ):
-            return _dataset_documents(str(path), field, split, from_disk=True)
+    kind = source_kind(source)
+    if kind == "saved-dataset":
+        documents = _dataset_documents(str(path), field, split, from_disk=True)
+    elif kind == "dataset":
+        documents = _dataset_documents(str(source), field, split, from_disk=False)
+    elif kind == "jsonl":
+        documents = _jsonl_documents(path, field)
+    elif path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise ValueError(
                 f"folder {str(path)!r} holds no .txt files: pass a folder of .txt, a .txt or a .jsonl file"
             )
         documents = [_read_text(p) for p in files]
-    elif path.is_file():
-        documents = _jsonl_documents(path, field) if path.suffix in (".jsonl", ".json") else [_read_text(path)]
-    elif str(source).startswith((".", "/", "~")) or path.suffix in (".txt", ".jsonl", ".json"):
-        raise ValueError(f"calibration data {str(source)!r} does not exist")
     else:
-        documents = _dataset_documents(str(source), field, split, from_disk=False)
+        documents = [_read_text(path)]
     documents = [d for d in documents if d.strip()]
     if not documents:
         raise ValueError(f"calibration data {str(source)!r} holds no text")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "show how concentrated the channels of a calibrated mask are, and plot their importance"
+
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +32,13 @@ def run(args: argparse.Namespace) -> int:
         top_channels_table,
     )
     from doublesparse.channels import ChannelMask
+    from doublesparse.output_paths import check_output_file
 
+    if args.plot:
+        suffix = Path(args.plot).suffix.lstrip(".").lower()
+        if suffix and suffix not in PLOT_FORMATS:
+            raise ValueError(f"--plot {args.plot!r}: images are written as {', '.join(PLOT_FORMATS)}, not {suffix!r}")
+        check_output_file(args.plot, "--plot")
     mask = ChannelMask.load(args.channels, kind=args.kind)
     pinned = f"content sha256 {mask.source_hash} ({mask.source_hash_note})"  # of the file, before any view
     if not 1 <= args.r <= mask.head_dim:

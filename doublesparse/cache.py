@@ -44,7 +44,8 @@ class LabelCacheLayer(SparseLayer, DynamicLayer):
         if self._label_backend is None or self.channels.device != key_states.device:
             self.channels = self.channels.to(key_states.device)
             self._label_backend = resolve_backend(self.backend, key_states.device)  # once, on the keys' device
-        new = make_labels(key_states, self.channels, self.label_bits, self._label_backend)
+        with torch.no_grad():  # labels only score tokens for the selection
+            new = make_labels(key_states, self.channels, self.label_bits, self._label_backend)
         self.labels = new if self.labels is None else Labels(*(_cat(a, b) for a, b in zip(self.labels, new)))
         return keys, values
 
@@ -186,10 +187,11 @@ class StaticLabelLayer(SparseLayer, StaticLayer):
             self.lazy_initialization(key_states, value_states)
         positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        new = make_labels(key_states, self.channels, self.label_bits, self._label_backend)
-        for buffer, part in zip(self.labels, new):
-            if buffer is not None:
-                buffer.index_copy_(2, positions, part)
+        with torch.no_grad():  # labels only score tokens for the selection
+            new = make_labels(key_states, self.channels, self.label_bits, self._label_backend)
+            for buffer, part in zip(self.labels, new):
+                if buffer is not None:
+                    buffer.index_copy_(2, positions, part)
         return keys, values
 
     def attend(self, call: AttentionCall, plan: LayerPlan) -> tuple[torch.Tensor, None]:

@@ -2,43 +2,60 @@
 
 Stored as safetensors: the ranking tensor (and, when calibration produced them, the per-channel
 statistics of every kind), with JSON metadata (kind, head layout, model identity, calibration
-settings). The authors' JSON format (also read by SGLang) loads too.
+settings). The authors' JSON format (also read by SGLang) loads too. Reading either format checks
+every field (mask_files.py); a `ChannelMask` checks on construction that its parts agree: every
+row a permutation, a layout that fits the ranking's shape, statistics of the ranking's shape that are
+finite, non-negative and order the ranking they come with. GQA reductions are in ranking.py.
+
+The authors' files carry no head layout. Loaded without `layout=`, the layout is guessed from the
+rows (`layout_inferred`), and `for_model` (which `doublesparse.apply` calls) takes the model's.
 
 Every saved file carries a content hash in its metadata (`content_sha256`, see `content_hash`), checked
 when it is loaded, so that a mask served somewhere can be pinned by it; files written before hashes
 existed load with their hash computed.
 
-Reducing per-query-head rankings to per-KV-head ones (GQA). Where per-channel statistics are stored,
-the statistics of the query heads of a group are summed and ranked again. Where only rankings exist
-(the authors' files), the rankings are combined by Borda count: each channel scores the sum over the
-group's query heads of its position in their rankings, lower is better; ties go to the channel with
-the best single position, then to the lower channel index.
+A mask applied to a model other than the one it was calibrated on (by name, the last part of the
+config's `_name_or_path`, or by `shape_fingerprint`) is noted in a warning, once per process for
+each pair.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .layout import HeadLayout
+from .layout import HeadLayout, stable_name
+from .mask_files import (
+    FORMAT,
+    FORMAT_VERSION,
+    HASH_KEY,
+    KINDS,
+    atomic_write,
+    check_mask_path,
+    content_hash,
+    read_authors_json,
+    read_mask_file,
+    save_canonical,
+    write_authors_json,
+)
+from .ranking import borda_reduce, rank_statistic, sum_groups
 from .serving import sglang_classic_problem
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("q", "k", "qk")
-FORMAT_VERSION = "1"
-HASH_KEY = "content_sha256"
+__all__ = ["FORMAT_VERSION", "KINDS", "ChannelMask", "atomic_write", "borda_reduce", "content_hash", "rank_statistic"]
+
 PathLike = Union[str, os.PathLike]
+AGAIN = "calibrate this model (doublesparse calibrate) or pass the mask made for it"
+
+# (mask's model, model applied to) pairs already warned about in this process: the note is given once.
+_WARNED_PAIRS: set[tuple[str, str, str, str]] = set()
 
 
 @dataclass
@@ -47,6 +64,7 @@ class ChannelMask:
 
     `per_kv_head` says whether rows are KV heads or query heads. `statistics` optionally holds, per
     kind, the per-channel importance [num_layers, num_heads, head_dim] the ranking came from.
+    `layout_inferred` marks a layout guessed from the rows of a file that carried none.
     """
 
     ranking: torch.Tensor
@@ -55,6 +73,7 @@ class ChannelMask:
     per_kv_head: bool
     statistics: dict[str, torch.Tensor] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    layout_inferred: bool = False
     # Set by `load`: the content hash of the file this mask was read from, and how it was obtained.
     source_hash: str = field(default="", init=False, compare=False, repr=False)
     source_hash_note: str = field(default="", init=False, compare=False, repr=False)
@@ -62,8 +81,17 @@ class ChannelMask:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"ChannelMask kind must be one of {KINDS}, got {self.kind!r}")
-        self.ranking = torch.as_tensor(self.ranking).to(torch.int64)
+        if not isinstance(self.layout, HeadLayout):
+            raise ValueError(f"ChannelMask layout must be a HeadLayout, got {type(self.layout).__name__}")
+        for name in ("per_kv_head", "layout_inferred"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ChannelMask {name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.statistics, dict) or not isinstance(self.calibration, dict):
+            raise ValueError("ChannelMask statistics and calibration must be dicts")
+        self.ranking = _integer_ranking(self.ranking)
         self.check_rankings()
+        self.check_layout()
+        self.check_statistics()
 
     # ----------------------------------------------------------------------------------- shape
     @property
@@ -83,9 +111,9 @@ class ChannelMask:
 
     def check_rankings(self) -> None:
         """Raise ValueError unless every row is a permutation of range(head_dim)."""
-        if self.ranking.dim() != 3:
+        if self.ranking.dim() != 3 or 0 in self.ranking.shape:
             raise ValueError(
-                f"channel ranking must be [layers, heads, head_dim], got shape {tuple(self.ranking.shape)}"
+                f"channel ranking must be a non-empty [layers, heads, head_dim], got shape {tuple(self.ranking.shape)}"
             )
         head_dim = self.ranking.shape[2]
         if self.ranking.numel() and (self.ranking.min() < 0 or self.ranking.max() >= head_dim):
@@ -102,23 +130,136 @@ class ChannelMask:
                 "(duplicated or missing indices): recalibrate or fix the file"
             )
 
-    def validate(self, layout: HeadLayout) -> None:
-        """Raise ValueError, saying what to do, unless this mask fits a model with `layout`."""
-        again = "calibrate this model (doublesparse calibrate) or pass the mask made for it"
-        if self.num_layers != layout.num_layers:
+    def check_layout(self) -> None:
+        """Raise ValueError unless this mask's own layout describes its ranking's shape."""
+        layout = self.layout
+        sizes = (layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+            raise ValueError(f"the mask's head layout holds non-positive or non-int sizes: {layout}")
+        if layout.num_heads % layout.num_kv_heads:
+            raise ValueError(f"the mask's layout has {layout.num_heads} query heads in {layout.num_kv_heads} KV groups")
+        rows = layout.num_kv_heads if self.per_kv_head else layout.num_heads
+        expected = (layout.num_layers, rows, layout.head_dim)
+        if tuple(self.ranking.shape) != expected:
+            what = "KV heads" if self.per_kv_head else "query heads"
             raise ValueError(
-                f"channel mask has {self.num_layers} layers but the model has {layout.num_layers}: {again}"
+                f"the ranking has shape {tuple(self.ranking.shape)} but the mask's layout says {expected} "
+                f"(layers, {what}, head_dim): the file is inconsistent"
             )
-        if self.head_dim != layout.head_dim:
-            raise ValueError(f"channel mask has head_dim {self.head_dim} but the model has {layout.head_dim}: {again}")
+
+    def check_statistics(self) -> None:
+        """Raise ValueError unless the statistics have the ranking's shape, are finite and >= 0, and order it."""
+        pair_dim = self.calibration.get("rope_pair_dim", 0)
+        if isinstance(pair_dim, bool) or not isinstance(pair_dim, int):
+            raise ValueError(f"calibration rope_pair_dim must be an int, got {pair_dim!r}")
+        if pair_dim and (pair_dim % 2 or not 0 < pair_dim <= self.head_dim):
+            raise ValueError(f"calibration rope_pair_dim must be 0 or even and in [2, {self.head_dim}], got {pair_dim}")
+        for kind, stat in self.statistics.items():
+            if kind not in KINDS:
+                raise ValueError(f"statistics of kind {kind!r}: kinds are {KINDS}")
+            if not isinstance(stat, torch.Tensor) or not stat.dtype.is_floating_point:
+                raise ValueError(f"statistics.{kind} must be a floating-point tensor, got {_describe(stat)}")
+            if tuple(stat.shape) != tuple(self.ranking.shape):
+                raise ValueError(
+                    f"statistics.{kind} have shape {tuple(stat.shape)}, the ranking {tuple(self.ranking.shape)}: "
+                    "the file is inconsistent"
+                )
+            if not bool(torch.isfinite(stat).all()):
+                raise ValueError(f"statistics.{kind} hold NaN or infinite values: the file is corrupt")
+            if bool((stat < 0).any()):
+                raise ValueError(f"statistics.{kind} hold negative values (they are means of absolute values)")
+        if self.kind in self.statistics:
+            self._check_ranking_follows(self.statistics[self.kind], pair_dim)
+
+    def _check_ranking_follows(self, statistic: torch.Tensor, pair_dim: int) -> None:
+        # Each channel scores as it was ranked: alone, or (RoPE pairs kept) by its pair's mean. Along
+        # the ranking those scores may not rise, beyond float32 rounding (ties may go either way).
+        score = statistic.double()
+        if pair_dim:
+            half = pair_dim // 2
+            partner = torch.arange(score.shape[-1])
+            partner[:pair_dim] = torch.cat([torch.arange(half, pair_dim), torch.arange(half)])
+            score = (score + score[..., partner]) / 2
+        ordered = score.gather(-1, self.ranking)
+        rise = ordered[..., 1:] - ordered[..., :-1]
+        disagree = (rise > 1e-5 * ordered[..., :-1].abs().clamp_min(1e-30)).any(dim=-1)
+        bad = disagree.nonzero()
+        if len(bad):
+            layer, head = (int(x) for x in bad[0])
+            raise ValueError(
+                f"the ranking of layer {layer}, head {head} does not follow its stored {self.kind!r} statistics "
+                "(a later channel has a larger statistic): the file is inconsistent; recalibrate or fix it"
+            )
+
+    def validate(self, layout: HeadLayout, fingerprint: Optional[str] = None) -> None:
+        """Raise ValueError, saying what to do, unless this mask fits a model with `layout`.
+
+        A mask calibrated on another model (by name, or by `fingerprint`, layout.py's shape_fingerprint)
+        is noted in a warning, once per process for each pair.
+        """
+        again = AGAIN
+        if self.layout_inferred:
+            again += (
+                "; this mask was read from an authors' JSON file that records no head layout, so its rows were "
+                "guessed: load it with ChannelMask.load(path, layout=HeadLayout.from_config(model.config)), or "
+                "use mask.for_model(layout) or doublesparse.apply, which take the model's"
+            )
+        self._check_size(layout, again)
         wanted = layout.num_kv_heads if self.per_kv_head else layout.num_heads
         if self.num_heads != wanted:
             rows = "KV heads" if self.per_kv_head else "query heads"
             raise ValueError(
                 f"channel mask has {self.num_heads} rows of {rows} per layer but the model has {wanted} {rows}: {again}"
             )
-        if self.layout.name and layout.name and self.layout.name != layout.name:
-            logger.warning("channel mask was calibrated on %r, applied to %r", self.layout.name, layout.name)
+        self._note_other_model(layout, fingerprint)
+
+    def for_model(self, layout: HeadLayout, fingerprint: Optional[str] = None) -> "ChannelMask":
+        """This mask checked against a model (see `validate`); a mask with an inferred layout takes the model's."""
+        mask = self._with_layout(layout) if self.layout_inferred else self
+        mask.validate(layout, fingerprint)
+        return mask
+
+    def _check_size(self, layout: HeadLayout, again: str) -> None:
+        if self.num_layers != layout.num_layers:
+            raise ValueError(
+                f"channel mask has {self.num_layers} layers but the model has {layout.num_layers}: {again}"
+            )
+        if self.head_dim != layout.head_dim:
+            raise ValueError(f"channel mask has head_dim {self.head_dim} but the model has {layout.head_dim}: {again}")
+
+    def _with_layout(self, layout: HeadLayout) -> "ChannelMask":
+        # Rows of a file without layout: one per query head, or one per KV head (the k kind, or MHA).
+        self._check_size(layout, AGAIN)
+        if self.num_heads not in (layout.num_heads, layout.num_kv_heads):
+            raise ValueError(
+                f"the mask has {self.num_heads} rows per layer; the model has {layout.num_heads} query heads and "
+                f"{layout.num_kv_heads} KV heads: {AGAIN}"
+            )
+        per_kv = self.num_heads == layout.num_kv_heads
+        return replace(self, layout=layout, per_kv_head=per_kv, layout_inferred=False)
+
+    def _note_other_model(self, layout: HeadLayout, fingerprint: Optional[str]) -> None:
+        # Older masks recorded the folder's absolute path: compare names by their last part only.
+        calibrated_on = stable_name(self.layout.name or str(self.calibration.get("model", "")))
+        recorded = self.calibration.get("model_fingerprint")
+        recorded = recorded if isinstance(recorded, str) else None
+        applied_to = stable_name(layout.name)
+        other_name = bool(calibrated_on and applied_to and calibrated_on != applied_to)
+        other_shapes = bool(recorded and fingerprint and recorded != fingerprint)
+        if not (other_name or other_shapes):
+            return
+        pair = (calibrated_on, recorded or "", applied_to, fingerprint or "")
+        if pair in _WARNED_PAIRS:
+            return
+        _WARNED_PAIRS.add(pair)
+        shapes = " of other weight shapes" if other_shapes else ""
+        logger.warning(
+            "doublesparse: the channel mask was calibrated on %r, and is applied to %r, a model%s: its channels may "
+            "rank poorly for it; calibrate this model (doublesparse calibrate) to be sure (noted once per process)",
+            calibrated_on or "an unnamed model",
+            applied_to or "an unnamed model",
+            shapes or " of another name",
+        )
 
     # ----------------------------------------------------------------------------------- views
     def top(self, num_channels: int) -> torch.Tensor:
@@ -128,13 +269,13 @@ class ChannelMask:
         return self.ranking[..., :num_channels].sort(dim=-1).values
 
     def per_kv(self) -> "ChannelMask":
-        """This mask with one row per KV head (query-head rows reduced as the module docstring says)."""
+        """This mask with one row per KV head (statistics summed over each group, else rankings by Borda count)."""
         if self.per_kv_head:
             return self
         group = self.layout.num_heads // self.layout.num_kv_heads
         if group == 1:
             return replace(self, per_kv_head=True)
-        stats = {k: _sum_groups(v, group) for k, v in self.statistics.items()}
+        stats = {k: sum_groups(v, group) for k, v in self.statistics.items()}
         if self.kind in stats:
             ranking = rank_statistic(stats[self.kind], self.calibration.get("rope_pair_dim", 0))
         else:
@@ -172,84 +313,90 @@ class ChannelMask:
 
     def save(self, path: PathLike) -> None:
         """Write a safetensors file atomically (temp file in the same folder, then rename), with its content hash."""
+        if self.layout_inferred:
+            raise ValueError(
+                "this mask's head layout was guessed from an authors' JSON file, which records none: load it with "
+                "ChannelMask.load(path, layout=HeadLayout.from_config(model.config)) (or mask.for_model(layout)) "
+                "before saving it"
+            )
         tensors = self.file_tensors()
         metadata = {
             HASH_KEY: content_hash(tensors),
-            "format": "doublesparse.channel_mask",
+            "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
             "per_kv_head": json.dumps(self.per_kv_head),
             "layout": json.dumps(self.layout.to_dict(), sort_keys=True),
             "calibration": json.dumps(self.calibration, sort_keys=True),
         }
-        atomic_write(path, lambda tmp: _save_canonical(tensors, metadata, tmp))
+        atomic_write(path, lambda tmp: save_canonical(tensors, metadata, tmp))
 
     @classmethod
     def load(cls, path: PathLike, *, kind: Optional[str] = None, layout: Optional[HeadLayout] = None) -> "ChannelMask":
         """Read a safetensors mask, or the authors' JSON format (`kind` picks its entry, default "qk").
 
         The authors' files carry no head layout; pass `layout` (HeadLayout.from_config(model.config))
-        to know KV heads from query heads, or it is inferred from the rows of the q and k entries.
+        to know KV heads from query heads, or it is inferred from the rows of the q and k entries (and
+        `for_model` resolves it against a model later). Any fault of the file raises ValueError naming it.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"a channel mask path is a str or path, got {type(path).__name__}")
+        if kind is not None and kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if layout is not None and not isinstance(layout, HeadLayout):
+            raise ValueError(f"layout must be a HeadLayout, got {type(layout).__name__}")
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"channel mask file {str(path)!r} does not exist")
-        if path.suffix == ".json":
-            return cls._load_authors_json(path, kind or "qk", layout)
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != "doublesparse.channel_mask":
-                raise ValueError(f"{str(path)!r} is not a doublesparse channel mask (no format metadata)")
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        digest = content_hash(tensors)
-        stored = metadata.get(HASH_KEY)
-        if stored is not None and stored != digest:
-            raise ValueError(
-                f"{str(path)!r}: its tensors hash to sha256 {digest}, but its metadata records {stored}: the file "
-                "changed after it was written (corrupted or edited); restore it or calibrate again"
+        check_mask_path(path)
+        try:
+            if path.suffix == ".json":
+                return cls._load_authors_json(path, kind or "qk", layout)
+            parts = read_mask_file(path)
+            mask = cls(
+                ranking=parts.ranking,
+                kind=parts.kind,
+                layout=HeadLayout(**parts.layout),
+                per_kv_head=parts.per_kv_head,
+                statistics=parts.statistics,
+                calibration=parts.calibration,
             )
-        mask = cls(
-            ranking=tensors["ranking"],
-            kind=metadata["kind"],
-            layout=HeadLayout(**_layout_fields(json.loads(metadata["layout"]))),
-            per_kv_head=json.loads(metadata["per_kv_head"]),
-            statistics={n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith("statistics.")},
-            calibration=json.loads(metadata.get("calibration", "{}")),
-        )
-        mask = mask.with_kind(kind) if kind else mask
-        mask.source_hash = digest
-        if stored is not None:
+            mask = mask.with_kind(kind) if kind else mask
+        except ValueError as error:
+            message = str(error)
+            raise ValueError(message if str(path) in message else f"{str(path)!r}: {message}") from None
+        mask.source_hash = parts.content_sha256
+        if parts.hash_recorded:
             mask.source_hash_note = "verified against the file's metadata"
         else:
             mask.source_hash_note = "computed at load: the file carries no hash (written before hashes were added)"
-            logger.info("%s carries no content hash; computed sha256 %s", path, digest)
+            logger.info("%s carries no content hash; computed sha256 %s", path, parts.content_sha256)
         return mask
 
     @classmethod
     def _load_authors_json(cls, path: Path, kind: str, layout: Optional[HeadLayout]) -> "ChannelMask":
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-        table = _authors_entries(data, kind, path)
-        num_layers = len(table)
-        rows = {k: len(v[0]) for k, v in ((k, _authors_entries(data, k, path, missing_ok=True)) for k in KINDS) if v}
-        ranking = torch.tensor(table, dtype=torch.int64)
-        head_dim = ranking.shape[2]
-        if layout is None:
-            num_heads = max(rows.get("q", 0), rows.get("qk", 0), ranking.shape[1])
-            num_kv = rows.get("k", num_heads)
-            layout = HeadLayout(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv, head_dim=head_dim)
-        per_kv = ranking.shape[1] == layout.num_kv_heads and (kind == "k" or layout.num_kv_heads == layout.num_heads)
-        if not per_kv and ranking.shape[1] != layout.num_heads:
+        tables = read_authors_json(path)
+        if kind not in tables:
             raise ValueError(
-                f"{str(path)!r} has {ranking.shape[1]} rows per layer for kind {kind!r}; the model has "
-                f"{layout.num_heads} query heads and {layout.num_kv_heads} KV heads"
+                f"{str(path)!r} has no '{kind}_proj' entries (it has {sorted(tables)}): pick one with kind="
             )
+        ranking = tables[kind]
+        num_layers, rows, head_dim = ranking.shape
+        # Guessed from the rows: q/qk entries hold one per query head, k entries one per KV head.
+        query_kinds = [tables[k].shape[1] for k in tables if k != "k"]
+        num_heads = max(query_kinds) if query_kinds else rows
+        num_kv = tables["k"].shape[1] if "k" in tables else num_heads
+        if num_heads % num_kv or rows not in (num_heads, num_kv):
+            raise ValueError(
+                f"{str(path)!r}: its entries hold {sorted({t.shape[1] for t in tables.values()})} rows per layer, "
+                "which no head layout explains: pass layout=HeadLayout.from_config(model.config)"
+                if layout is None
+                else f"{str(path)!r}: its rows per layer do not fit one head layout"
+            )
+        guessed = HeadLayout(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv, head_dim=head_dim)
         note = {"source": "authors-json", "file": path.name}
         if kind in ("q", "k"):
             note["note"] = "the authors rank q and k channels before RoPE"
-        mask = cls(ranking=ranking, kind=kind, layout=layout, per_kv_head=per_kv, calibration=note)
+        mask = cls(ranking, kind, guessed, rows == num_kv, calibration=note, layout_inferred=True)
+        mask = mask if layout is None else mask._with_layout(layout)
         mask.source_hash = mask.content_hash()
         mask.source_hash_note = "computed at load: JSON files carry no hash"
         return mask
@@ -275,121 +422,20 @@ class ChannelMask:
                 ranking = ranking.repeat_interleave(group, dim=1)
             for layer in range(self.num_layers):
                 data[f"model.layers.{layer}.self_attn.{kind}_proj"] = ranking[layer].tolist()
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(data, handle)
-
-        atomic_write(path, write)
+        write_authors_json(path, data)
 
 
-def _layout_fields(data: dict[str, Any]) -> dict[str, Any]:
-    data = dict(data)
-    data["sliding_layers"] = tuple(data.get("sliding_layers", ()))
-    return data
+def _integer_ranking(ranking: Any) -> torch.Tensor:
+    # A float ranking would be truncated to channel indices: refuse it instead.
+    if not isinstance(ranking, torch.Tensor):
+        try:
+            ranking = torch.as_tensor(ranking)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"channel ranking must be an integer tensor [layers, heads, head_dim]: {error}") from None
+    if ranking.dtype.is_floating_point or ranking.dtype.is_complex or ranking.dtype == torch.bool:
+        raise ValueError(f"channel ranking must hold integer channel indices, got {ranking.dtype}")
+    return ranking.to(torch.int64)
 
 
-def _authors_entries(data: dict, kind: str, path: Path, missing_ok: bool = False) -> list:
-    prefix, suffix = "model.layers.", f".self_attn.{kind}_proj"
-    found = {}
-    for key, value in data.items():
-        if key.startswith(prefix) and key.endswith(suffix):
-            found[int(key[len(prefix) : -len(suffix)])] = value
-    if not found:
-        if missing_ok:
-            return []
-        raise ValueError(f"{str(path)!r} has no '{kind}_proj' entries; pick another kind with kind=")
-    if sorted(found) != list(range(len(found))):
-        raise ValueError(f"{str(path)!r}: layers of kind {kind!r} are not numbered 0..{len(found) - 1}")
-    return [found[i] for i in range(len(found))]
-
-
-def _sum_groups(stat: torch.Tensor, group: int) -> torch.Tensor:
-    layers, heads, dim = stat.shape
-    return stat.view(layers, heads // group, group, dim).sum(dim=2)
-
-
-def rank_statistic(statistic: torch.Tensor, rope_pair_dim: int = 0) -> torch.Tensor:
-    """Channels of every head [..., d] by decreasing statistic; with `rope_pair_dim`, RoPE pairs stay together.
-
-    RoPE (rotate_half) rotates channel c with c + rope_pair_dim // 2 for c < rope_pair_dim // 2. With
-    pairs kept, a pair ranks by the mean of its two statistics, its stronger member first, the other right
-    after it; channels beyond rope_pair_dim (partial rotary) rank alone. Ties go to the lower index.
-    """
-    if not rope_pair_dim:
-        return statistic.argsort(dim=-1, descending=True, stable=True)
-    dim = statistic.shape[-1]
-    half = rope_pair_dim // 2
-    if rope_pair_dim % 2 or not 0 < rope_pair_dim <= dim:
-        raise ValueError(f"rope_pair_dim must be even and in [2, {dim}], got {rope_pair_dim}")
-    low = torch.arange(half)
-    unpaired = torch.arange(rope_pair_dim, dim)
-    # Units: pairs (c, c + half), then unpaired channels; an unpaired channel's second member is -1.
-    first = torch.cat([low, unpaired]).expand(*statistic.shape[:-1], -1).clone()
-    second = torch.cat([low + half, torch.full_like(unpaired, -1)]).expand_as(first).clone()
-    pair_low, pair_high = statistic[..., :half], statistic[..., half:rope_pair_dim]
-    swap = pair_high > pair_low
-    first[..., :half] = torch.where(swap, low + half, low)
-    second[..., :half] = torch.where(swap, low, low + half)
-    unit_score = torch.cat([(pair_low + pair_high) / 2, statistic[..., rope_pair_dim:]], dim=-1)
-    order = unit_score.argsort(dim=-1, descending=True, stable=True)
-    members = torch.stack([first.gather(-1, order), second.gather(-1, order)], dim=-1).flatten(-2)
-    return members[members >= 0].view(statistic.shape).to(torch.int64)
-
-
-def borda_reduce(ranking: torch.Tensor, group: int) -> torch.Tensor:
-    """Combine per-query-head rankings [L, H_q, d] into per-KV-head ones [L, H_q // group, d]."""
-    layers, heads, dim = ranking.shape
-    position = torch.empty_like(ranking)
-    position.scatter_(-1, ranking, torch.arange(dim).expand_as(ranking).contiguous())
-    position = position.view(layers, heads // group, group, dim)
-    total = position.sum(dim=2)
-    best = position.min(dim=2).values
-    # One sortable key: total position first, then best single position, then channel index.
-    key = (total * (dim + 1) + best) * dim + torch.arange(dim)
-    return key.argsort(dim=-1)
-
-
-def content_hash(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of a mask file's tensors, independent of how the file's header is laid out.
-
-    For each tensor in name order: its name, dtype and shape as one line `name dtype d0,d1,...` and a
-    newline, then its elements' bytes in little-endian, row-major order.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        array = tensors[name].detach().cpu().contiguous().numpy()
-        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
-        dtype = str(tensors[name].dtype).removeprefix("torch.")
-        digest.update(f"{name} {dtype} {','.join(str(n) for n in array.shape)}\n".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def _save_canonical(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
-    # safetensors writes the header map in hash order, so the same mask gave different bytes on each
-    # save; rewriting the header with sorted keys makes equal masks give equal files.
-    save_file(tensors, path, metadata=metadata)
-    data = Path(path).read_bytes()
-    size = int.from_bytes(data[:8], "little")
-    header = json.dumps(
-        json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    ).encode()
-    header += b" " * (-len(header) % 8)
-    Path(path).write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size :])
-
-
-def atomic_write(path: PathLike, write) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _describe(value: Any) -> str:
+    return f"{value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__

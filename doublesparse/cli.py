@@ -3,6 +3,9 @@
 Each subcommand lives in its own module, named below, which defines `HELP` (one line),
 `add_arguments(parser)` and `run(args) -> int`, and imports its heavy dependencies inside `run`
 so that `doublesparse --help` stays fast.
+
+Exit status: 0 on success, 2 for a usage error or bad input (a ValueError, printed on one line;
+no subcommand prints the usage), 130 on Ctrl-C (quietly, no traceback).
 """
 
 from __future__ import annotations
@@ -36,16 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (128 + 2)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the console command."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's choice, not a failure to explain: no traceback.
+        return INTERRUPTED
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     if args.command is None:
-        parser.print_help()
-        return 0
+        parser.print_usage(sys.stderr)
+        print("doublesparse: error: name a command (see doublesparse --help)", file=sys.stderr)
+        return 2
     try:
         return int(args._run(args) or 0)
     except ValueError as error:

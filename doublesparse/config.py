@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -17,6 +19,42 @@ TokenBudget = Union[int, float]
 
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"SparsityConfig.{name}={value!r} is invalid: {allowed}")
+
+
+def _whole(value: Any) -> Any:
+    """`value` as a plain int where it is an integer (numpy ints too); anything else unchanged.
+
+    bool is an int in Python, and 4.0 == 4: neither is taken for an int, so `label_bits=4.0` or
+    `sink_tokens=True` are refused by the checks below instead of passing them.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _not_an_int(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return f"{value!r} is a float: pass the int {int(value)}"
+    if isinstance(value, bool):
+        return f"{value!r} is a bool: pass an int"
+    return f"{type(value).__name__} is not an int"
+
+
+# Fields holding one int, and the layer-index sequences; normalised (numpy ints -> int) before validation.
+_INT_FIELDS = (
+    "num_channels",
+    "label_bits",
+    "sink_tokens",
+    "recent_tokens",
+    "min_seq_len",
+    "prefetch_warmup_steps",
+    "host_memory_limit",
+)
+_LAYER_FIELDS = ("dense_layers", "sync_layers")
 
 
 @dataclass(frozen=True)
@@ -70,14 +108,28 @@ class SparsityConfig:
     host_memory_limit: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.dense_layers, (list, set, range)):
-            object.__setattr__(self, "dense_layers", tuple(sorted(self.dense_layers)))
-        if isinstance(self.sync_layers, (list, set, range)):
-            object.__setattr__(self, "sync_layers", tuple(sorted(self.sync_layers)))
+        for name in _INT_FIELDS:
+            object.__setattr__(self, name, _whole(getattr(self, name)))
+        if not isinstance(self.token_budget, float):
+            object.__setattr__(self, "token_budget", _whole(self.token_budget))
+        for name in _LAYER_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)):
+                # Checked before sorting: sorting a mix of types would raise TypeError.
+                items = tuple(_whole(i) for i in value)
+                if all(_is_int(i) and i >= 0 for i in items):
+                    items = tuple(sorted(items))
+                object.__setattr__(self, name, items)
         self._validate()
 
     def _validate(self) -> None:
-        if isinstance(self.num_channels, bool) or not isinstance(self.num_channels, int) or self.num_channels < 1:
+        if not _is_int(self.num_channels):
+            _fail(
+                "num_channels",
+                self.num_channels,
+                f"a positive int (channels per head): {_not_an_int(self.num_channels)}",
+            )
+        if self.num_channels < 1:
             _fail("num_channels", self.num_channels, "a positive int (channels per head, at most head_dim)")
         budget = self.token_budget
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
@@ -85,14 +137,23 @@ class SparsityConfig:
         if isinstance(budget, int) and budget < 1:
             _fail("token_budget", budget, "an int token count must be >= 1")
         if isinstance(budget, float) and not (0.0 < budget <= 1.0 and math.isfinite(budget)):
-            _fail("token_budget", budget, "a float budget is a fraction of the length in (0, 1]")
+            count = " (for a token count pass an int)" if math.isfinite(budget) and budget > 1 else ""
+            _fail("token_budget", budget, f"a float budget is a fraction of the length in (0, 1]{count}")
+        if not _is_int(self.label_bits):
+            _fail(
+                "label_bits",
+                self.label_bits,
+                f"allowed values are the ints {LABEL_BITS}: {_not_an_int(self.label_bits)}",
+            )
         if self.label_bits not in LABEL_BITS:
             _fail("label_bits", self.label_bits, f"allowed values are {LABEL_BITS}")
         if self.label_bits == 4 and self.num_channels % 2:
             _fail("num_channels", self.num_channels, "4-bit labels pack two channels per byte: use an even r")
         for name in ("sink_tokens", "recent_tokens", "min_seq_len"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not _is_int(value):
+                _fail(name, value, f"a non-negative int: {_not_an_int(value)}")
+            if value < 0:
                 _fail(name, value, "a non-negative int")
         if isinstance(budget, int) and self.sink_tokens + max(self.recent_tokens, 1) > budget:
             _fail(
@@ -101,10 +162,8 @@ class SparsityConfig:
                 f"sink_tokens + recent_tokens (+1 for the current token when recent_tokens=0) = "
                 f"{self.sink_tokens + max(self.recent_tokens, 1)} must fit inside the budget",
             )
-        if not isinstance(self.dense_layers, tuple) or any(
-            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.dense_layers
-        ):
-            _fail("dense_layers", self.dense_layers, "a sequence of non-negative layer indices")
+        if not isinstance(self.dense_layers, tuple) or any(not _is_int(i) or i < 0 for i in self.dense_layers):
+            _fail("dense_layers", self.dense_layers, "a sequence of non-negative int layer indices")
         if self.selection not in SELECTIONS:
             _fail("selection", self.selection, f"allowed values are {SELECTIONS}")
         if self.backend not in BACKENDS:
@@ -126,19 +185,25 @@ class SparsityConfig:
                 "simulate evaluates prefills teacher-forced on the device: use one or the other",
             )
         if self.sync_layers is not None and (
-            not isinstance(self.sync_layers, tuple)
-            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.sync_layers)
+            not isinstance(self.sync_layers, tuple) or any(not _is_int(i) or i < 0 for i in self.sync_layers)
         ):
-            _fail("sync_layers", self.sync_layers, "None (chosen from measured recall) or a sequence of layer indices")
+            _fail(
+                "sync_layers", self.sync_layers, "None (chosen from measured recall) or a sequence of int layer indices"
+            )
         recall = self.prefetch_min_recall
         if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0.0 <= recall <= 1.0:
             _fail("prefetch_min_recall", recall, "a recall threshold in [0, 1]")
         steps = self.prefetch_warmup_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            _fail("prefetch_warmup_steps", steps, "a non-negative int")
+        if not _is_int(steps) or steps < 0:
+            _fail(
+                "prefetch_warmup_steps",
+                steps,
+                "a non-negative int" + ("" if _is_int(steps) else f": {_not_an_int(steps)}"),
+            )
         limit = self.host_memory_limit
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            _fail("host_memory_limit", limit, "None (the free RAM) or a positive byte count")
+        if limit is not None and (not _is_int(limit) or limit < 1):
+            detail = "" if _is_int(limit) else f": {_not_an_int(limit)}"
+            _fail("host_memory_limit", limit, f"None (the free RAM) or a positive int byte count{detail}")
 
     def check_model(self, num_layers: int, head_dim: int) -> None:
         """Raise ValueError where a knob does not fit a model of this shape."""
@@ -164,7 +229,11 @@ class SparsityConfig:
         return max(1, min(length, wanted))
 
     def replace(self, **changes: Any) -> "SparsityConfig":
-        """A copy with some fields changed, validated again."""
+        """A copy with some fields changed, validated again; unknown fields raise ValueError."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown SparsityConfig fields {unknown}; known fields are {sorted(known)}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,13 +247,11 @@ class SparsityConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SparsityConfig":
         """Inverse of `to_dict`; unknown keys raise ValueError."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a SparsityConfig dict is a mapping of field names to values, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(repr, set(data) - known))
         if unknown:
-            raise ValueError(f"unknown SparsityConfig fields {unknown}; known fields are {sorted(known)}")
-        values = dict(data)
-        if "dense_layers" in values:
-            values["dense_layers"] = tuple(values["dense_layers"])
-        if values.get("sync_layers") is not None:
-            values["sync_layers"] = tuple(values["sync_layers"])
-        return cls(**values)
+            raise ValueError(f"unknown SparsityConfig fields [{', '.join(unknown)}]; known fields are {sorted(known)}")
+        # Lists (as JSON gives them) become tuples in __post_init__.
+        return cls(**data)

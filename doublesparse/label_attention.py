@@ -1,10 +1,15 @@
 """The Double Sparsity step over K/V held on the device: score labels, select top-k, attend exactly.
 
 Prefill attends densely (unless `simulate`); a decode step scores every cached token from its label,
-selects the top-k (plus sink and recent tokens) and attends exactly over the selection. Rows whose
-budget covers their whole past attend densely. Growing and preallocated label caches run this step
-(cache.py); without a label cache (no cache, `use_cache=False`) the labels are made from the keys
-handed over.
+selects the top-k (plus sink and recent tokens) and attends exactly over the selection. Several rows
+after a past (chunked prefill, assisted decoding's verification) each select like a decode step, and
+so do the rows after the prompt in a call with no past (assisted decoding's first round, told by
+`AttentionCall.prompt_rows`). Rows whose budget covers their whole past attend densely. Growing and
+preallocated label caches run this step (cache.py); without a label cache (no cache, `use_cache=False`)
+the labels are made from the keys handed over.
+
+With gradients enabled the selection runs under `no_grad` (it is discrete) and the exact attention
+over the selection runs the torch reference, which is differentiable in q, k and v.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from .kernels.dispatch import label_scores, make_labels, select_tokens, sparse_a
 from .kernels.label_append import Labels
 from .kernels.label_scores import gather_query_channels
 from .kernels.scratch import Scratch
-from .kernels.sparse_attention import masked_attention_reference, selection_mask
+from .kernels.sparse_attention import masked_attention_reference, selection_mask, sparse_attention_reference
 from .plan import LayerPlan
 from .policy import row_budgets, static_max_budget, valid_keys
 from .step import AttentionCall
@@ -44,7 +49,10 @@ def attend_over_labels(
         # here is fine because prefills are never captured in a graph.
         past = (int(filled) if filled is not None else length) - rows
         if past == 0:
-            return call.dense()
+            drafts = rows - (call.prompt_rows or rows)
+            if drafts <= 0:
+                return call.dense()
+            return _prompt_then_drafts(call, plan, labels, filled, scratch, drafts)
     scaling = call.scaling
     backend = plan.backend_on(query.device)
 
@@ -62,22 +70,45 @@ def attend_over_labels(
             return call.dense()
 
     channels = plan.channels_on(query.device)
-    if labels is None or labels.codes.shape[2] != length:
-        labels = make_labels(key, channels, config.label_bits, backend)
-    scores = label_scores(
-        gather_query_channels(query, channels),
-        labels,
-        config.label_bits,
-        scaling,
-        plan.num_select_heads,
-        backend,
-        scratch,
-    )
-    indices, slot_valid = select_tokens(
-        scores, valid, budgets, config.sink_tokens, config.recent_tokens, max_budget, backend, scratch
-    )
-    if rows == 1:
-        out = sparse_attention(query, key, value, indices, slot_valid, scaling, backend, scratch)
-    else:
+    with torch.no_grad():  # the selection is discrete: nothing to differentiate
+        if labels is None or labels.codes.shape[2] != length:
+            labels = make_labels(key, channels, config.label_bits, backend)
+        scores = label_scores(
+            gather_query_channels(query, channels),
+            labels,
+            config.label_bits,
+            scaling,
+            plan.num_select_heads,
+            backend,
+            scratch,
+        )
+        indices, slot_valid = select_tokens(
+            scores, valid, budgets, config.sink_tokens, config.recent_tokens, max_budget, backend, scratch
+        )
+    if rows > 1:
         out = masked_attention_reference(query, key, value, selection_mask(indices, slot_valid, length), scaling)
+    elif needs_grad(query, key, value):
+        out = sparse_attention_reference(query, key, value, indices, slot_valid, scaling)
+    else:
+        out = sparse_attention(query, key, value, indices, slot_valid, scaling, backend, scratch)
     return out.transpose(1, 2).contiguous(), None
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on these tensors (then the native and Triton kernels cannot serve it)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _prompt_then_drafts(
+    call: AttentionCall,
+    plan: LayerPlan,
+    labels: Optional[Labels],
+    filled: Optional[torch.Tensor],
+    scratch: Optional[Scratch],
+    drafts: int,
+) -> tuple[torch.Tensor, None]:
+    # No past, but the newest `drafts` rows follow the prompt (assisted decoding's first round): the
+    # prompt attends densely as a prefill does, each draft row selects among its past like a decode step.
+    dense, _ = call.dense()
+    tail, _ = attend_over_labels(call.last_rows(drafts, filled), plan, labels, filled, scratch)
+    return torch.cat([dense[:, : call.rows - drafts], tail], dim=1), None

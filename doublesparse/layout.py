@@ -1,9 +1,30 @@
-"""`HeadLayout`: the attention shape of a model, read from its config (no weights needed)."""
+"""`HeadLayout`: the attention shape of a model, read from its config (no weights needed).
+
+A model is named by the last part of its config's `_name_or_path` (the hub name, or the folder's
+name), and identified across machines by `shape_fingerprint`, a hash of the config sizes that fix its
+weights' shapes: neither depends on where the model was loaded from.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
+
+# Config fields that fix the shapes of a decoder's weights (those a config lacks count as None).
+SHAPE_FIELDS = (
+    "model_type",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+    "num_local_experts",
+    "num_experts",
+    "moe_intermediate_size",
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +64,7 @@ class HeadLayout:
             num_kv_heads=num_kv_heads,
             head_dim=int(head_dim),
             model_type=str(getattr(text, "model_type", "")),
-            name=str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "")),
+            name=model_name(config),
             sliding_layers=_sliding_layers(text, num_layers),
         )
 
@@ -52,6 +73,25 @@ class HeadLayout:
         data = asdict(self)
         data["sliding_layers"] = list(self.sliding_layers)
         return data
+
+
+def model_name(config: Any) -> str:
+    """The model's name: the last part of the config's `_name_or_path` ('' when it has none)."""
+    return stable_name(str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or ""))
+
+
+def stable_name(name_or_path: str) -> str:
+    """The last part of a hub name or a folder path: the same wherever the model was loaded from."""
+    return name_or_path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def shape_fingerprint(config: Any) -> str:
+    """A short hash of the config sizes that fix a model's weights' shapes, and of its head layout."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    values = {name: getattr(text, name, None) for name in SHAPE_FIELDS}
+    values["head_dim"] = HeadLayout.from_config(config).head_dim
+    encoded = json.dumps(values, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
 
 
 def _sliding_layers(text: Any, num_layers: int) -> tuple[int, ...]:

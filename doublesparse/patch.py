@@ -4,32 +4,39 @@ Nothing of the model is copied or forked: `apply` patches the attention (attenti
 Double Sparsity function and each layer's `LayerPlan`, and adds forward pre-hooks: one on the decoder
 that swaps an empty (or missing) cache for a label cache, one on each attention module that hands the
 attention function its layer of that cache, and in offload mode with prefetching, one per decoder
-layer that starts the next layer's copy. `remove` undoes exactly that. `make_cache` is the one
-factory of label caches (growing, preallocated, offloaded).
+layer that starts the next layer's copy. It also wraps the model's `generate` to tell the attention
+the prompt's length: assisted decoding's first target forward holds the prompt and the first draft
+tokens with no past, and the draft rows must select like decode steps, not attend densely as a
+prefill does. `remove` undoes exactly that. `make_cache` is the one factory of label caches
+(growing, preallocated, offloaded).
+
+A model switched to another attention implementation after `apply` (`set_attn_implementation`) would
+run dense: its next forward, `patch_state` and `make_cache` raise ValueError saying what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
-from .attention import ATTENTION_NAME, LAYER_KWARG, PLAN_ATTRIBUTE, double_sparse_attention
+from .attention import ATTENTION_NAME, LAYER_KWARG, PLAN_ATTRIBUTE, PROMPT_KWARG, double_sparse_attention
 from .attention_patch import AttentionPatch, patch_attention
 from .cache import DoubleSparseCache, StaticDoubleSparseCache, is_empty_cache
 from .channels import ChannelMask
 from .config import SparsityConfig
-from .layout import HeadLayout
+from .layout import HeadLayout, shape_fingerprint
 from .offload import OffloadCache, Prefetcher, host_kv_bytes, install_prefetch_hooks, query_predictors
 from .plan import LayerPlan, layer_plans
 from .sharding import HeadShard, head_shards, local_layout
 from .step import SparseLayer
-from .support import attention_modules, check_supported, module_device
+from .support import check_supported, module_device
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,12 @@ class PatchState:
     plans: dict[int, LayerPlan]
     attention: Optional[AttentionPatch] = None
     shards: Optional[dict[int, HeadShard]] = None  # the heads this rank holds, under tensor parallelism
+    # Set by the wrapped `generate` for the length of one call: the prompt's length.
+    prompt_rows: Optional[int] = None
+
+    def is_running(self) -> bool:
+        """Whether the model still attends through the patch (not switched to another implementation since)."""
+        return self.attention is None or self.attention.is_active()
 
 
 def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[SparsityConfig] = None) -> torch.nn.Module:
@@ -56,17 +69,26 @@ def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[Spars
     `channels` is a ChannelMask or a path to one (safetensors, or the authors' JSON).
     Everything is validated before the model is touched; on error nothing stays patched.
     """
-    config = config or SparsityConfig()
+    config = SparsityConfig() if config is None else config
     if not isinstance(config, SparsityConfig):
         raise ValueError(f"config must be a SparsityConfig, got {type(config).__name__}")
-    if getattr(model, STATE_ATTRIBUTE, None) is not None:
-        raise ValueError("this model is already patched: call doublesparse.remove(model) first")
+    if not isinstance(channels, (ChannelMask, str, os.PathLike)):
+        raise ValueError(
+            f"channels must be a ChannelMask or the path of a channel mask file (.safetensors or the authors' .json), "
+            f"got {type(channels).__name__}: calibrate one with doublesparse calibrate, or load one with "
+            "doublesparse.ChannelMask.load(path)"
+        )
+    if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
+        raise ValueError(f"doublesparse patches a transformers model, got {type(model).__name__}")
+    state = getattr(model, STATE_ATTRIBUTE, None)
+    if state is not None:
+        switched = "" if state.is_running() else f" (and since switched to {model.config._attn_implementation!r})"
+        raise ValueError(f"this model is already patched{switched}: call doublesparse.remove(model) first")
     layout = HeadLayout.from_config(model.config)
-    check_supported(model, layout)
+    modules = check_supported(model, layout)
     mask = channels if isinstance(channels, ChannelMask) else ChannelMask.load(channels, layout=layout)
-    modules = attention_modules(model, layout)
     shards = head_shards(model, modules, layout)  # the heads this rank holds, under tensor parallelism
-    _validate_mask(mask, layout, shards)
+    mask = _mask_for_model(mask, layout, shape_fingerprint(model.config), shards)
     config.check_model(layout.num_layers, layout.head_dim)
     # The kernel backend of every layer is resolved here, once, for the device the layer sits on.
     devices = {module.layer_idx: module_device(module) for module in modules}
@@ -75,14 +97,17 @@ def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[Spars
     if layout.sliding_layers:
         logger.warning("doublesparse: sliding-window layers %s stay dense", list(layout.sliding_layers))
 
+    state = PatchState(config, mask, layout, plans, shards=shards)
+
     def add_hooks(patch: AttentionPatch) -> None:
         for module in modules:
-            patch.hooks.append(module.register_forward_pre_hook(_hand_layer_to_attention, with_kwargs=True))
+            patch.hooks.append(module.register_forward_pre_hook(_attention_inputs_hook(state), with_kwargs=True))
         if predictors is not None:
             patch.hooks.extend(install_prefetch_hooks(predictors, plans))
         patch.hooks.append(_decoder(model).register_forward_pre_hook(_label_cache_hook(model), with_kwargs=True))
+        if callable(getattr(model, "generate", None)):
+            patch.hooks.append(_GenerateWrapper(model))
 
-    state = PatchState(config, mask, layout, plans, shards=shards)
     setattr(model, STATE_ATTRIBUTE, state)
     try:
         per_module = {module: plans[module.layer_idx] for module in modules}
@@ -95,10 +120,12 @@ def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[Spars
     return model
 
 
-def _validate_mask(mask: ChannelMask, layout: HeadLayout, shards: Optional[dict[int, HeadShard]]) -> None:
-    """`mask.validate(layout)`; under tensor parallelism the error also names the rank and its heads."""
+def _mask_for_model(
+    mask: ChannelMask, layout: HeadLayout, fingerprint: str, shards: Optional[dict[int, HeadShard]]
+) -> ChannelMask:
+    """`mask.for_model(...)`; under tensor parallelism the error also names the rank and its heads."""
     try:
-        mask.validate(layout)
+        return mask.for_model(layout, fingerprint)
     except ValueError as error:
         if not shards:
             raise
@@ -133,16 +160,31 @@ def patched(
 
 
 def patch_state(model: torch.nn.Module) -> PatchState:
-    """The patch state of a patched model; ValueError if it is not patched."""
+    """The patch state of a patched model; ValueError if it is not patched, or no longer runs the patch."""
     state = getattr(model, STATE_ATTRIBUTE, None)
     if state is None:
         raise ValueError("this model is not patched: call doublesparse.apply(model, channels, config) first")
+    if not state.is_running():
+        raise ValueError(_switched_away(model))
     return state
 
 
 def is_patched(model: torch.nn.Module) -> bool:
-    """Whether `apply` patched this model (and `remove` has not undone it)."""
+    """Whether `apply` patched this model and `remove` has not undone it.
+
+    A model switched to another attention implementation since still counts (its hooks are there):
+    `patch_state` and its forward then raise, saying to call `remove`.
+    """
     return getattr(model, STATE_ATTRIBUTE, None) is not None
+
+
+def _switched_away(model: torch.nn.Module) -> str:
+    return (
+        f"this model was patched by doublesparse.apply, then switched to attention implementation "
+        f"{model.config._attn_implementation!r}, so it would attend densely, not with Double Sparsity: call "
+        "doublesparse.remove(model) (and doublesparse.apply again to decode sparsely), or switch back with "
+        f"model.set_attn_implementation({ATTENTION_NAME!r})"
+    )
 
 
 def make_cache(
@@ -187,14 +229,19 @@ def _offload_cache(
     cache = OffloadCache(model.config, layer_channels, state.config, max_cache_len)
     if state.config.prefetch:
         cache.prefetcher = Prefetcher(cache, measure_recall)
-    if max_cache_len is not None and batch_size is not None:
+    if max_cache_len is not None:
+        # Without a batch size, batch 1 is what any batch needs at least: a context that host memory
+        # cannot hold even then is refused now, not at the prefill.
+        batch = batch_size or 1
         layout = local_layout(state.layout, state.shards)
         dtype = next(model.parameters()).dtype
-        per_layer = host_kv_bytes(1, batch_size, layout.num_kv_heads, layout.head_dim, max_cache_len, dtype)
-        cache.host_budget.reserve(
-            {i: per_layer for i in layer_channels},
-            f"{len(layer_channels)} layers x batch {batch_size} x {max_cache_len} tokens",
-        )
+        per_layer = host_kv_bytes(1, batch, layout.num_kv_heads, layout.head_dim, max_cache_len, dtype)
+        sizes = {i: per_layer for i in layer_channels}
+        what = f"{len(layer_channels)} layers x batch {batch} x {max_cache_len} tokens"
+        if batch_size is None:
+            cache.host_budget.check(sizes, what + " (batch 1, the least any batch needs)")
+        else:
+            cache.host_budget.reserve(sizes, what)
     return cache
 
 
@@ -212,7 +259,7 @@ OFFLOAD_CACHE_NEEDED = (
 
 def _label_cache_hook(model: torch.nn.Module):
     def swap_in_label_cache(module: torch.nn.Module, args: tuple, kwargs: dict):
-        offload = patch_state(model).config.offload
+        offload = patch_state(model).config.offload  # raises if the model was switched to another attention
         cache = kwargs.get("past_key_values")
         if isinstance(cache, (DoubleSparseCache, StaticDoubleSparseCache)):
             if offload and not isinstance(cache, OffloadCache):
@@ -241,10 +288,57 @@ def _label_cache_hook(model: torch.nn.Module):
     return swap_in_label_cache
 
 
-def _hand_layer_to_attention(module: torch.nn.Module, args: tuple, kwargs: dict):
-    # The attention module does not pass the cache on to the attention function: hand it the layer.
-    cache = kwargs.get("past_key_values")
-    layers = cache.layers if isinstance(cache, Cache) else ()
-    layer = layers[module.layer_idx] if module.layer_idx < len(layers) else None
-    kwargs[LAYER_KWARG] = layer if isinstance(layer, SparseLayer) else None
-    return args, kwargs
+def _attention_inputs_hook(state: PatchState):
+    def hand_over(module: torch.nn.Module, args: tuple, kwargs: dict):
+        # The attention module does not pass the cache on to the attention function: hand it the layer,
+        # and inside generate the prompt's length.
+        cache = kwargs.get("past_key_values")
+        layers = cache.layers if isinstance(cache, Cache) else ()
+        layer = layers[module.layer_idx] if module.layer_idx < len(layers) else None
+        kwargs[LAYER_KWARG] = layer if isinstance(layer, SparseLayer) else None
+        kwargs[PROMPT_KWARG] = state.prompt_rows
+        return args, kwargs
+
+    return hand_over
+
+
+class _GenerateWrapper:
+    """The model's `generate`, telling the attention the prompt's length; `remove()` unwraps it.
+
+    A callable object, not a closure, so that a deep copy of the patched model gets a wrapper of its
+    own copy (a copied closure would still call the original model).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        functools.update_wrapper(self, model.generate)
+        model.generate = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state: Optional[PatchState] = getattr(self.model, STATE_ATTRIBUTE, None)
+        if state is None:
+            return self.__wrapped__(*args, **kwargs)
+        # Restored, not cleared: the model may be its own assistant, generating inside its generate.
+        outer = state.prompt_rows
+        state.prompt_rows = _prompt_rows(args, kwargs)
+        try:
+            return self.__wrapped__(*args, **kwargs)
+        finally:
+            state.prompt_rows = outer
+
+    def remove(self) -> None:
+        """Restore the model's own `generate`."""
+        if self.model.__dict__.get("generate") is self:
+            del self.model.generate
+
+
+def _prompt_rows(args: tuple, kwargs: dict) -> int:
+    # generate(inputs=None, ...): the prompt is `inputs`, `input_ids` or `inputs_embeds`; with none of
+    # them generate starts from one BOS token.
+    for prompt in (args[0] if args else None, kwargs.get("inputs"), kwargs.get("input_ids")):
+        if isinstance(prompt, torch.Tensor):
+            return int(prompt.shape[-1])
+    embeds = kwargs.get("inputs_embeds")
+    if isinstance(embeds, torch.Tensor):
+        return int(embeds.shape[1])
+    return 1

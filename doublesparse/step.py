@@ -9,11 +9,13 @@ attention function never asks which kind of cache it was given.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .policy import valid_keys
 
 if TYPE_CHECKING:
     from .plan import LayerPlan
@@ -36,6 +38,9 @@ class AttentionCall:
     dropout: float = 0.0
     scaling_argument: Optional[float] = None  # as the model passed it (None: 1/sqrt(head_dim))
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # Inside `generate`: the prompt's length. A call with no past that has more rows holds draft tokens
+    # after the prompt (assisted decoding's first round), which select like decode steps.
+    prompt_rows: Optional[int] = None
 
     @property
     def scaling(self) -> float:
@@ -46,6 +51,16 @@ class AttentionCall:
     def rows(self) -> int:
         """Query rows in this call (1 for a decode step)."""
         return self.query.shape[2]
+
+    def last_rows(self, count: int, filled: Optional[torch.Tensor] = None) -> "AttentionCall":
+        """This call for its newest `count` query rows only, with an explicit boolean mask.
+
+        The model may pass no mask when causality alone applies to a square call; for fewer rows than
+        keys the mask must be spelled out. `filled` is the fill of a preallocated cache.
+        """
+        batch, _, rows, _ = self.query.shape
+        valid = valid_keys(self.attention_mask, batch, rows, self.key.shape[2], self.query.device, filled)
+        return replace(self, query=self.query[:, :, -count:], attention_mask=valid[:, None, -count:], prompt_rows=None)
 
     def dense(self) -> tuple[torch.Tensor, None]:
         """Exact attention over the keys handed over, as the unpatched model computes it."""

@@ -45,6 +45,7 @@ def _check_heads(num_q_heads: int, num_label_heads: int, num_select_heads: int) 
         raise ValueError(f"{num_q_heads} query heads cannot be reduced into {num_select_heads} selection heads")
 
 
+@torch.no_grad()  # scores only rank tokens for a discrete selection; with autograd on, out= would fail
 def label_scores_reference(
     q_labels: torch.Tensor,
     labels: Labels,

@@ -46,6 +46,7 @@ def ranking_keys(scores: torch.Tensor, scratch: Optional[Scratch] = None) -> tor
     return keys.bitwise_left_shift_(32).bitwise_or_(torch.arange(bits.shape[-1], out=positions))
 
 
+@torch.no_grad()  # a discrete choice: nothing to differentiate, and out= fails where autograd records
 def select_tokens_reference(
     scores: torch.Tensor,
     valid: torch.Tensor,

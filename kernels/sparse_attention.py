@@ -135,7 +135,11 @@ def sparse_attention_reference(
     per_select = num_q_heads // num_select_heads
     index = indices.reshape(batch, num_kv_heads, per_kv * rows * slots)
     picked_shape = (*index.shape, key_dim)
-    picked_keys = take_rows(keys, index, scratch_or_new(scratch, "picked_keys", picked_shape, keys.dtype, keys.device))
+    # Ops with out= are not differentiable: where autograd records, the rows are gathered into new tensors.
+    picked_out = None
+    if not _recorded(query, keys, values):
+        picked_out = scratch_or_new(scratch, "picked_keys", picked_shape, keys.dtype, keys.device)
+    picked_keys = take_rows(keys, index, picked_out)
     picked_keys = picked_keys.float().view(batch, num_kv_heads, per_kv, rows, slots, key_dim)
     queries = query.float().view(batch, num_kv_heads, per_kv, per_select, rows, key_dim).transpose(3, 4)
     logits = torch.matmul(queries, picked_keys.transpose(-1, -2)) * scaling  # [B, H_kv, S, L, G, K]
@@ -171,10 +175,16 @@ def weighted_rows(
             rows, values.view(-1, head_dim), offsets, mode="sum", per_sample_weights=weights.reshape(-1)
         )
         return summed.view(*outer, per_select, head_dim)
-    picked_shape = (*index.shape, head_dim)
-    buffer = scratch_or_new(scratch, "picked_values", picked_shape, values.dtype, values.device)
-    picked = take_rows(values, index, buffer)
+    picked_out = None
+    if not _recorded(values, weights):
+        picked_out = scratch_or_new(scratch, "picked_values", (*index.shape, head_dim), values.dtype, values.device)
+    picked = take_rows(values, index, picked_out)
     return torch.matmul(weights, picked.float().view(*outer, slots, head_dim))
+
+
+def _recorded(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records ops on these tensors (out= buffers cannot be used then)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _sparse_attention_per_query_head(

@@ -38,13 +38,13 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
-    import doublesparse.channels as channels
+    import doublesparse.mask_files as mask_files
 
     def broken(tensors, path, metadata):
         Path(path).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(channels, "save_file", broken)
+    monkeypatch.setattr(mask_files, "save_file", broken)
     with pytest.raises(OSError):
         random_mask(LAYOUT).save(tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []

@@ -3,8 +3,10 @@
 A one-row step selects exactly (with its own query) or takes the rows its prefetch already copied
 (offload/prefetch.py), puts the device window in front of them, and attends over that buffer. A
 multi-row call after a past (chunked prefill, assisted decoding) selects exactly per row and copies
-synchronously. A prefill attends densely over the prompt's own K/V, which the layer computed on the
-device anyway.
+synchronously; so do the rows after the prompt in a call with no past (assisted decoding's first
+round). A prefill attends densely over the prompt's own K/V, which the layer computed on the device
+anyway. With gradients enabled, the attention over the selection runs the torch reference: it is
+differentiable in the query (the offloaded K/V are stored detached).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from ..kernels.dispatch import label_scores, select_tokens, sparse_attention
 from ..kernels.label_scores import gather_query_channels
 from ..kernels.sparse_attention import sparse_attention_reference
+from ..label_attention import needs_grad
 from ..plan import LayerPlan
 from ..policy import row_budgets, static_max_budget, valid_keys
 from ..step import AttentionCall
@@ -31,14 +34,37 @@ def attend_offloaded(layer: "OffloadLayer", call: AttentionCall, plan: LayerPlan
     query = call.query
     batch, _, rows, head_dim = query.shape
     length = layer.length
-    if rows == length:
-        return call.dense()
-    config = plan.config
-    scaling = call.scaling
     backend = plan.backend_on(query.device)
     channels = plan.channels_on(query.device)
+    if rows == length:
+        drafts = rows - (call.prompt_rows or rows)
+        if drafts <= 0:
+            return call.dense()
+        # Assisted decoding's first round: the prompt attends densely, the draft rows like decode steps.
+        dense, _ = call.dense()
+        tail = _multi_row_attention(layer, call.last_rows(drafts), plan, channels, backend)
+        return torch.cat([dense[:, : rows - drafts], tail], dim=1), None
     if rows > 1:
         return _multi_row_attention(layer, call, plan, channels, backend), None
+    differentiable = needs_grad(query)
+    with torch.no_grad():  # selection and copies: nothing to differentiate
+        out = _one_row_attention(layer, call, plan, channels, backend, differentiable)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _one_row_attention(
+    layer: "OffloadLayer",
+    call: AttentionCall,
+    plan: LayerPlan,
+    channels: torch.Tensor,
+    backend: str,
+    differentiable: bool,
+) -> torch.Tensor:
+    query = call.query
+    batch, _, _, head_dim = query.shape
+    length = layer.length
+    config = plan.config
+    scaling = call.scaling
 
     valid = valid_keys(call.attention_mask, batch, 1, length, query.device)
     window = layer.window_keys.shape[2]
@@ -81,10 +107,15 @@ def attend_offloaded(layer: "OffloadLayer", call: AttentionCall, plan: LayerPlan
     )
     local = torch.cat([window_slots, own_slots], dim=1)[None, :, None, :].expand(batch, -1, 1, -1)
     slot_valid = torch.cat([selection.window_valid, selection.valid], dim=-1)
-    out = sparse_attention(query, keys, values, local, slot_valid, scaling, backend)
+    if differentiable:
+        # The copy buffers are reused by the next step: autograd keeps copies of this step's rows.
+        with torch.enable_grad():
+            out = sparse_attention_reference(query, keys.clone(), values.clone(), local, slot_valid, scaling)
+    else:
+        out = sparse_attention(query, keys, values, local, slot_valid, scaling, backend)
     if pending is not None and prefetcher is not None:
         prefetcher.release(pending)
-    return out.transpose(1, 2).contiguous(), None
+    return out
 
 
 def _multi_row_attention(
@@ -97,18 +128,19 @@ def _multi_row_attention(
     valid = valid_keys(call.attention_mask, batch, rows, length, query.device)
     budgets = row_budgets(config, valid.sum(dim=-1))
     max_budget = static_max_budget(config, length)
-    q_labels = gather_query_channels(query, channels)
-    scores = label_scores(q_labels, layer.labels, config.label_bits, call.scaling, plan.num_select_heads, backend)
-    indices, slot_valid = select_tokens(
-        scores, valid, budgets, config.sink_tokens, config.recent_tokens, max_budget, backend
-    )
-    keys_store, values_store = layer.host_store()
-    heads = keys_store.shape[2]
-    flat = indices.reshape(batch, heads, -1)
-    keys = torch.empty(batch, heads, flat.shape[2], head_dim, dtype=keys_store.dtype, device=query.device)
-    values = torch.empty_like(keys)
-    gather_rows(keys_store, flat, keys, backend)
-    gather_rows(values_store, flat, values, backend)
+    with torch.no_grad():  # selection and copies: nothing to differentiate
+        q_labels = gather_query_channels(query, channels)
+        scores = label_scores(q_labels, layer.labels, config.label_bits, call.scaling, plan.num_select_heads, backend)
+        indices, slot_valid = select_tokens(
+            scores, valid, budgets, config.sink_tokens, config.recent_tokens, max_budget, backend
+        )
+        keys_store, values_store = layer.host_store()
+        heads = keys_store.shape[2]
+        flat = indices.reshape(batch, heads, -1)
+        keys = torch.empty(batch, heads, flat.shape[2], head_dim, dtype=keys_store.dtype, device=query.device)
+        values = torch.empty_like(keys)
+        gather_rows(keys_store, flat, keys, backend)
+        gather_rows(values_store, flat, values, backend)
     per_head = flat.shape[2] // (indices.shape[1] // heads)
     local = (
         torch.arange(per_head * (indices.shape[1] // heads), device=query.device).repeat(heads).view(indices.shape[1:])

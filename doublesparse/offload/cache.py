@@ -63,19 +63,21 @@ class OffloadLayer(SparseLayer, HostStoredLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         count = key_states.shape[2]
-        token_major_keys = key_states.permute(2, 0, 1, 3).contiguous()
-        token_major_values = value_states.permute(2, 0, 1, 3).contiguous()
-        self._grow_host_store(self.length + count, token_major_keys)
-        self.host_keys.append(token_major_keys)
-        self.host_values.append(token_major_values)
-        labels = make_labels(key_states, self.channels, self.config.label_bits, self.backend)
-        if not self.label_parts:
-            self.label_parts = [None if part is None else TokenBuffer(dim=2) for part in labels]
-        for buffer, part in zip(self.label_parts, labels):
-            if buffer is not None:
-                buffer.reserve(max(self.host_keys.capacity, buffer.length + count), part, self.device)
-                buffer.append(part)
-        self._push_window(key_states, value_states)
+        # Stored detached: with gradients on, they reach the query of later steps, not the offloaded K/V.
+        with torch.no_grad():
+            token_major_keys = key_states.permute(2, 0, 1, 3).contiguous()
+            token_major_values = value_states.permute(2, 0, 1, 3).contiguous()
+            self._grow_host_store(self.length + count, token_major_keys)
+            self.host_keys.append(token_major_keys)
+            self.host_values.append(token_major_values)
+            labels = make_labels(key_states, self.channels, self.config.label_bits, self.backend)
+            if not self.label_parts:
+                self.label_parts = [None if part is None else TokenBuffer(dim=2) for part in labels]
+            for buffer, part in zip(self.label_parts, labels):
+                if buffer is not None:
+                    buffer.reserve(max(self.host_keys.capacity, buffer.length + count), part, self.device)
+                    buffer.append(part)
+            self._push_window(key_states, value_states)
         self.length += count
         # Only the new tokens go back: the attention function reads the store through this layer.
         return key_states, value_states

@@ -37,8 +37,8 @@ class HostMemoryBudget:
         self.limit = limit if limit is not None else available_host_memory()
         self.reserved: dict[int, int] = {}
 
-    def reserve(self, sizes: dict[int, int], what: str) -> None:
-        """Set the reservation of some layers; ValueError (nothing reserved) if the total exceeds the limit."""
+    def check(self, sizes: dict[int, int], what: str) -> dict[int, int]:
+        """The reservation with `sizes` set for their layers; ValueError if its total exceeds the limit."""
         wanted = {**self.reserved, **sizes}
         total = sum(wanted.values())
         if self.limit is not None and total > self.limit:
@@ -48,11 +48,24 @@ class HostMemoryBudget:
                 else "the RAM available when the cache was made"
             )
             raise ValueError(
-                f"offloaded K/V for {what} needs {total / GIB:.2f} GiB of host memory, more than the "
-                f"{self.limit / GIB:.2f} GiB allowed ({source}): lower the context (max_cache_len) or the batch size, "
-                "list more layers in dense_layers, or raise SparsityConfig.host_memory_limit"
+                f"offloaded K/V for {what} needs {format_bytes(total)} of host memory, more than the "
+                f"{format_bytes(self.limit)} allowed ({source}): lower the context (max_cache_len) or the batch "
+                "size, list more layers in dense_layers, or raise SparsityConfig.host_memory_limit"
             )
-        self.reserved = wanted
+        return wanted
+
+    def reserve(self, sizes: dict[int, int], what: str) -> None:
+        """Set the reservation of some layers; ValueError (nothing reserved) if the total exceeds the limit."""
+        self.reserved = self.check(sizes, what)
+
+
+def format_bytes(size: int) -> str:
+    """A byte count in the largest binary unit that keeps it at 1 or more: '3.00 GiB', '12.5 MiB', '640 B'."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.2f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
+    return f"{size} B"
 
 
 def pinned_host_stores() -> bool:

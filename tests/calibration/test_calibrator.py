@@ -194,7 +194,7 @@ def test_same_seed_same_bytes_different_seed_different_blocks(tmp_path, monkeypa
 
 
 def test_interrupted_write_leaves_no_half_file(tmp_path, monkeypatch):
-    import doublesparse.channels as channels
+    import doublesparse.mask_files as mask_files
 
     mask = calibrate_blocks(tiny_model("llama"), random_blocks(2, 16), progress=False)
     path = tmp_path / "channels.safetensors"
@@ -207,7 +207,7 @@ def test_interrupted_write_leaves_no_half_file(tmp_path, monkeypatch):
             handle.write(good[: len(good) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(channels, "save_file", half_then_fail)
+    monkeypatch.setattr(mask_files, "save_file", half_then_fail)
     for target in (path, fresh):
         with pytest.raises(OSError, match="disk full"):
             mask.save(target)

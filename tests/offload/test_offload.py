@@ -186,12 +186,17 @@ def test_a_context_host_memory_cannot_hold_fails_before_decoding():
     with torch.no_grad(), ds.patched(model, random_channel_mask(model), config):
         with pytest.raises(ValueError, match="host_memory_limit"):
             ds.make_cache(model, max_cache_len=100_000, batch_size=1)
-        cache = ds.make_cache(model, max_cache_len=100_000)
+        # Without a batch size, batch 1 already needs more than the limit: refused at make_cache too.
+        with pytest.raises(ValueError, match="batch 1, the least any batch needs"):
+            ds.make_cache(model, max_cache_len=100_000)
+        # A cache built without the check fails at the prefill, before allocating.
+        channels = {0: torch.arange(4)[None].repeat(2, 1)}
+        cache = offload.OffloadCache(model.config, channels, config, max_cache_len=100_000)
         with pytest.raises(ValueError, match="max_cache_len"):
             model(input_ids=input_ids, past_key_values=cache)
         assert all(layer.host_keys.data is None for layer in cache.offload_layers())
         # Without a configured limit the RAM available now is the limit.
-        with pytest.raises(ValueError, match="GiB"):
+        with pytest.raises(ValueError, match=r"needs [\d.,]+ [KMGT]iB"):
             unlimited = offload.OffloadCache(model.config, {0: torch.arange(4)[None].repeat(2, 1)}, BASE.replace(offload=True), max_cache_len=1 << 40)
             model(input_ids=input_ids, past_key_values=unlimited)
         # A cache that fits decodes.

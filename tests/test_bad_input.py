@@ -1,0 +1,823 @@
+"""What doublesparse promises about bad input: the right result, or a ValueError saying what to change.
+
+One section per item of the reliability issue (issue 13), each test the issue's repro followed by the
+result it must give. Items handled elsewhere are not here yet: 5 (a corrupted native library), 13
+(--help speed), and the `eval`/`run`/`recall`/`bench` parts of 9 and 14.
+"""
+
+import argparse
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+import doublesparse as ds
+from doublesparse.attention import double_sparse_attention
+from doublesparse.channels import ChannelMask
+from doublesparse.layout import HeadLayout, shape_fingerprint
+from doublesparse.support import ATTENTION_KWARG_VALUES, UNDERSTOOD_ATTENTION_KWARGS, check_attention_kwargs
+
+from tiny_models import ARCHITECTURES, left_padded_batch, random_channel_mask, tiny_model
+
+SMALL = ds.SparsityConfig(num_channels=4, token_budget=3, label_bits=16)
+
+
+def untouched(model) -> bool:
+    return (
+        not hasattr(model, "_doublesparse_state")
+        and "generate" not in model.__dict__
+        and not any(hasattr(m, "_doublesparse_plan") for m in model.modules())
+        and sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
+    )
+
+
+def tiny_gpt_oss():
+    config = transformers.GptOssConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=64, vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["full_attention"] * 2, sliding_window=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    # transformers serves gpt-oss with eager attention only (the sinks).
+    return transformers.GptOssForCausalLM._from_config(config, attn_implementation="eager").eval()
+
+
+def tiny_deepseek_v3():
+    config = transformers.DeepseekV3Config(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
+        moe_intermediate_size=32, vocab_size=128, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.DeepseekV3ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+
+
+def tiny_gemma3():
+    config = transformers.Gemma3TextConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=128, vocab_size=128, sliding_window=4, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.Gemma3ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+
+
+def mask_for(model) -> ChannelMask:
+    layout = HeadLayout.from_config(model.config)
+    ranking = torch.arange(layout.head_dim).expand(layout.num_layers, layout.num_heads, -1)
+    return ChannelMask(ranking, "qk", layout, per_kv_head=False)
+
+
+def greedy(model, prompt, **extra):
+    kwargs = dict(max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return model.generate(prompt, **kwargs, **extra)
+
+
+# ---------------------------------------------------------------------------------------------- 1
+# Attention keyword arguments doublesparse does not understand are refused by name.
+
+
+def test_1_learned_sinks_are_refused_at_apply():
+    model = tiny_gpt_oss()
+    with pytest.raises(ValueError, match=r"learned attention sinks .*s_aux"):
+        ds.apply(model, mask_for(model))
+    assert untouched(model)
+    with pytest.raises(ValueError, match="s_aux"):
+        ds.calibrate(model, None, ["some text"], num_samples=1, seq_len=8, progress=False)
+
+
+def test_1_logit_softcapping_is_refused_at_apply():
+    config = transformers.Gemma2Config(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=128, vocab_size=128, attn_logit_softcapping=50.0,
+    )  # fmt: skip
+    model = transformers.Gemma2ForCausalLM._from_config(config, attn_implementation="eager").eval()
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        ds.apply(model, mask_for(model))
+    assert untouched(model)
+
+
+@pytest.mark.parametrize(
+    "name, value, what",
+    [
+        ("s_aux", torch.zeros(4), "learned attention sinks"),
+        ("softcap", 30.0, "softcapping"),
+        ("cu_seq_lens_q", torch.tensor([0, 5]), "packed"),
+        ("is_causal", False, "bidirectional"),
+        ("a_feature_added_later", 1, "an attention feature"),
+    ],
+)
+def test_1_unknown_attention_kwargs_are_refused_at_every_call(name, value, what):
+    # A model whose config and modules do not show the feature: the call-time check is the net,
+    # on the dense prefill as on sparse steps.
+    model = tiny_model("llama")
+    ds.apply(model, random_channel_mask(model), SMALL)
+
+    def add_kwarg(module, args, kwargs):
+        kwargs[name] = value
+        return args, kwargs
+
+    model.model.layers[1].self_attn.register_forward_pre_hook(add_kwarg, with_kwargs=True)
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"LlamaAttention passes {name}=.*{what}"):
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+
+
+def test_1_kwargs_passed_as_none_and_understood_ones_pass():
+    module = tiny_model("llama").model.layers[0].self_attn
+    check_attention_kwargs(module, {"s_aux": None, "softcap": None, "is_causal": True, "output_attentions": False})
+    check_attention_kwargs(module, {name: object() for name in UNDERSTOOD_ATTENTION_KWARGS})
+    with pytest.raises(ValueError, match="output_attentions"):
+        check_attention_kwargs(module, {"output_attentions": True})
+
+
+def test_1_output_attentions_is_refused():
+    model = tiny_model("qwen2")
+    with ds.patched(model, random_channel_mask(model), SMALL), torch.no_grad():
+        with pytest.raises(ValueError, match="output_attentions=True .*attention weights"):
+            model(input_ids=torch.tensor([[5, 6, 7]]), output_attentions=True)
+
+
+def _record_attention_kwargs(model, seen):
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.extend(kwargs.items())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("doublesparse_test_recording", recording)
+    AttentionMaskInterface.register("doublesparse_test_recording", sdpa_mask)
+    model.set_attn_implementation("doublesparse_test_recording")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES + ("gemma3",))
+def test_1_allowlist_covers_what_each_served_architecture_passes(arch):
+    # Every keyword argument these models pass to an attention function, in every way they are run,
+    # is on the allowlist (or None): the matrix of test_dense_equivalence runs through the check too.
+    model = tiny_gemma3() if arch == "gemma3" else tiny_model(arch)
+    seen = []
+    _record_attention_kwargs(model, seen)
+    input_ids, attention_mask = left_padded_batch([9, 6])
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=2, do_sample=False)
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask)
+        model.generate(**kwargs)
+        model.generate(**kwargs, num_beams=2)
+        model.generate(**{**kwargs, "do_sample": True})
+        model.generate(**kwargs, cache_implementation="static")
+        model.generate(input_ids=input_ids[:1], max_new_tokens=2, do_sample=False, prompt_lookup_num_tokens=2)
+    model.train()
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
+    names = {name for name, _ in seen}
+    assert names <= set(UNDERSTOOD_ATTENTION_KWARGS) | set(ATTENTION_KWARG_VALUES) | {"dropout", "scaling"}
+    module = next(m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj"))
+    check_attention_kwargs(module, {k: v for k, v in seen if k not in ("dropout", "scaling")})
+
+
+# ---------------------------------------------------------------------------------------------- 2
+# Rows after the prompt select like decode steps, in assisted decoding's first round too.
+
+
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("selection", ["group", "head"])
+def test_2_rows_after_a_past_select_like_token_by_token_decoding(offload, selection):
+    model = tiny_model("mistral", num_layers=2)
+    config = SMALL.replace(selection=selection, offload=offload, sink_tokens=1)
+    tokens = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), ds.patched(model, random_channel_mask(model), config):
+        cache = ds.make_cache(model)
+        model(input_ids=tokens[:, :12], past_key_values=cache)
+        one_by_one = torch.cat(
+            [model(input_ids=tokens[:, i : i + 1], past_key_values=cache).logits for i in range(12, 20)], 1
+        )
+        cache = ds.make_cache(model)
+        model(input_ids=tokens[:, :12], past_key_values=cache)
+        together = model(input_ids=tokens[:, 12:], past_key_values=cache).logits
+    with torch.no_grad():
+        dense_logits = model(input_ids=tokens).logits[:, 12:]
+    assert (together - one_by_one).abs().max() < 1e-5
+    assert (together - dense_logits).abs().max() > 1e-2, "the budget must make sparse differ from dense"
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_2_assisted_generation_equals_plain_sparse_generation(offload):
+    # The assistant (a copy of the model, patched alike) proposes the target's own greedy tokens, so
+    # they are accepted, and the first round's draft rows decide them: they must be sparse rows.
+    model = tiny_model("llama", num_layers=2)
+    assistant = copy.deepcopy(model)
+    mask = random_channel_mask(model)
+    prompt = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+    config = SMALL.replace(offload=offload)
+    with torch.no_grad():
+        dense = greedy(model, prompt)
+        with ds.patched(model, mask, config), ds.patched(assistant, mask, config):
+            plain = greedy(model, prompt)
+            assisted = greedy(model, prompt, assistant_model=assistant)
+            by_itself = greedy(model, prompt, assistant_model=model)
+            looked_up = greedy(model, prompt, prompt_lookup_num_tokens=3)
+    assert not torch.equal(dense.sequences, plain.sequences), "the budget must make sparse differ from dense"
+    for other in (assisted, by_itself, looked_up):
+        assert torch.equal(other.sequences, plain.sequences)
+        assert max(float((a - b).abs().max()) for a, b in zip(other.logits, plain.logits)) < 1e-5
+
+
+def test_2_generate_is_unwrapped_by_remove_and_follows_a_deep_copy():
+    model = tiny_model("llama")
+    ds.apply(model, random_channel_mask(model), SMALL)
+    assert "generate" in model.__dict__
+    twin = copy.deepcopy(model)
+    assert twin.generate.model is twin and twin.generate.__wrapped__.__self__ is twin
+    ds.remove(model)
+    assert untouched(model)
+
+
+# ---------------------------------------------------------------------------------------------- 3
+# Mask files whose parts disagree are refused.
+
+
+def write_mask(path, ranking, layout_dict, statistics=None, **metadata_changes):
+    tensors = {"ranking": ranking.to(torch.int32).contiguous()}
+    for kind, stat in (statistics or {}).items():
+        tensors[f"statistics.{kind}"] = stat.contiguous()
+    metadata = {
+        "format": "doublesparse.channel_mask",
+        "format_version": "1",
+        "kind": "qk",
+        "per_kv_head": "false",
+        "layout": json.dumps(layout_dict),
+        "calibration": "{}",
+    }
+    metadata.update(metadata_changes)
+    save_file(tensors, str(path), metadata={k: v for k, v in metadata.items() if v is not None})
+    return path
+
+
+LAYOUT = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 64, "model_type": "llama", "name": "m"}
+
+
+def good_statistics(seed=0):
+    stat = torch.rand(2, 4, 64, generator=torch.Generator().manual_seed(seed))
+    return stat, stat.argsort(dim=-1, descending=True, stable=True)
+
+
+def test_3_statistics_of_another_shape_are_refused(tmp_path):
+    # Such statistics used to replace the ranking for GQA with selection="group" (channels 0-15 only).
+    stat, ranking = good_statistics()
+    path = write_mask(tmp_path / "m.safetensors", ranking, LAYOUT, {"qk": stat[..., :16].contiguous()})
+    with pytest.raises(ValueError, match=r"m\.safetensors.*statistics\.qk have shape \(2, 4, 16\)"):
+        ChannelMask.load(path)
+    model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=64)
+    with pytest.raises(ValueError, match="statistics.qk have shape"):
+        ds.apply(model, path, ds.SparsityConfig(num_channels=16, selection="group"))
+
+
+@pytest.mark.parametrize("fault", ["nan", "some nan", "inf", "negative"])
+def test_3_non_finite_or_negative_statistics_are_refused(tmp_path, fault):
+    stat, ranking = good_statistics()
+    bad = {"nan": torch.full_like(stat, float("nan")), "inf": stat.clone().fill_(float("inf"))}.get(fault, stat.clone())
+    if fault == "some nan":
+        bad[1, 2, 3] = float("nan")
+    if fault == "negative":
+        bad[0, 0, 63] = -1.0
+    path = write_mask(tmp_path / "m.safetensors", ranking, LAYOUT, {"qk": stat, "k": bad})
+    with pytest.raises(ValueError, match="NaN or infinite" if fault != "negative" else "negative"):
+        ChannelMask.load(path)
+
+
+def test_3_a_ranking_that_its_statistics_contradict_is_refused(tmp_path):
+    stat, ranking = good_statistics()
+    path = write_mask(tmp_path / "m.safetensors", ranking.flip(-1), LAYOUT, {"qk": stat})
+    with pytest.raises(ValueError, match="does not follow its stored 'qk' statistics"):
+        ChannelMask.load(path)
+    # Ties may be ordered either way.
+    flat = torch.ones(2, 4, 64)
+    ChannelMask.load(write_mask(tmp_path / "tied.safetensors", ranking, LAYOUT, {"qk": flat}))
+
+
+def test_3_a_ranking_stored_as_floats_is_refused(tmp_path):
+    _, ranking = good_statistics()
+    metadata = {
+        "format": "doublesparse.channel_mask",
+        "kind": "qk",
+        "per_kv_head": "false",
+        "layout": json.dumps(LAYOUT),
+    }
+    save_file({"ranking": ranking.float() + 0.5}, str(tmp_path / "f.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match="not integer channel indices"):
+        ChannelMask.load(tmp_path / "f.safetensors")
+    with pytest.raises(ValueError, match="integer channel indices"):
+        ChannelMask(ranking.float(), "qk", HeadLayout(**{**LAYOUT, "sliding_layers": ()}), False)
+
+
+@pytest.mark.parametrize("index", [3.7, 3.0, "3", True, None])
+def test_3_non_integer_indices_in_the_authors_json_are_refused(tmp_path, index):
+    rows = [list(range(8)) for _ in range(2)]
+    rows[1][3] = index
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"model.layers.0.self_attn.qk_proj": rows}))
+    with pytest.raises(ValueError, match=r"a\.json.*layer 0 .*row 1, position 3: channel index .* is not an integer"):
+        ChannelMask.load(path)
+
+
+# ---------------------------------------------------------------------------------------------- 4
+# A model switched to another attention implementation after apply is detected.
+
+
+def test_4_a_model_switched_to_another_attention_refuses_to_run_dense():
+    model = tiny_model("llama")
+    input_ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        dense = model(input_ids=input_ids).logits
+        ds.apply(model, random_channel_mask(model), SMALL)
+        model.set_attn_implementation("eager")
+        with pytest.raises(ValueError, match=r"switched to attention implementation 'eager'.*doublesparse\.remove"):
+            model(input_ids=input_ids)
+        with pytest.raises(ValueError, match="switched to attention implementation 'eager'"):
+            ds.patch_state(model)
+        with pytest.raises(ValueError, match="switched"):
+            ds.make_cache(model)
+        with pytest.raises(ValueError, match="already patched .*switched"):
+            ds.apply(model, random_channel_mask(model))
+        # Switching back resumes the patch; remove restores the model either way.
+        model.set_attn_implementation("doublesparse")
+        assert ds.patch_state(model).config == SMALL
+        model.set_attn_implementation("eager")
+        ds.remove(model)
+        assert untouched(model)
+        assert torch.allclose(model(input_ids=input_ids).logits, dense, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- 6
+# Multi-head latent attention is refused before any work.
+
+
+def test_6_mla_is_refused_at_apply_and_calibration():
+    model = tiny_deepseek_v3()
+    with pytest.raises(ValueError, match=r"multi-head latent attention .*key heads of 48 channels, value heads of 32"):
+        ds.apply(model, mask_for(model))
+    assert untouched(model)
+    with pytest.raises(ValueError, match="multi-head latent attention"):
+        ds.calibrate(model, None, ["some text"], num_samples=1, seq_len=8, progress=False)
+
+
+def test_6_keys_and_values_of_different_sizes_are_refused_at_the_call():
+    module = tiny_model("llama").model.layers[0].self_attn
+    query, key, value = torch.randn(1, 4, 1, 48), torch.randn(1, 2, 5, 48), torch.randn(1, 2, 5, 32)
+    with pytest.raises(ValueError, match="query, key and value heads of 48, 48 and 32 channels"):
+        double_sparse_attention(module, query, key, value, None)
+
+
+# ---------------------------------------------------------------------------------------------- 7
+# Sparse decoding with gradients enabled gives the right result, differentiably.
+
+
+def decode_logits(model, prompt, steps=4, *, static=False):
+    cache = ds.make_cache(model, 32) if static else ds.make_cache(model)
+    out = model(input_ids=prompt, past_key_values=cache)
+    logits = []
+    for _ in range(steps):
+        out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache)
+        logits.append(out.logits)
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize(
+    "changes", [{}, {"label_bits": 4}, {"label_bits": 8, "selection": "head"}, {"offload": True}, {"static": True}]
+)
+def test_7_sparse_decode_with_gradients_enabled(changes):
+    changes = dict(changes)
+    static = changes.pop("static", False)
+    model = tiny_model("qwen2")
+    prompt = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with ds.patched(model, random_channel_mask(model), SMALL.replace(sink_tokens=1, **changes)):
+        with torch.no_grad():
+            expected = decode_logits(model, prompt, static=static)
+        logits = decode_logits(model, prompt, static=static)
+        assert (logits.detach() - expected).abs().max() < 1e-5
+        if not static:  # a preallocated cache is written in place, as transformers' StaticCache is
+            logits.sum().backward()
+            grad = model.model.layers[1].self_attn.q_proj.weight.grad
+            assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_7_sparse_attention_reference_is_differentiable_exactly():
+    from doublesparse.kernels.sparse_attention import sparse_attention_reference
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, 1, 8, generator=generator, requires_grad=True)
+    keys = torch.randn(1, 2, 10, 8, generator=generator, requires_grad=True)
+    values = torch.randn(1, 2, 10, 8, generator=generator, requires_grad=True)
+    indices = torch.tensor([[[[0, 3, 7]], [[1, 2, 9]]]])
+    slot_valid = torch.ones(1, 1, 1, 3, dtype=torch.bool)
+    sparse_attention_reference(query, keys, values, indices, slot_valid, 0.3).square().sum().backward()
+    got = [t.grad.clone() for t in (query, keys, values)]
+    for t in (query, keys, values):
+        t.grad = None
+    keep = torch.zeros(1, 2, 1, 10, dtype=torch.bool).scatter_(-1, indices, True).repeat_interleave(2, 1)
+    logits = (query @ keys.repeat_interleave(2, 1).transpose(-1, -2) * 0.3).masked_fill(~keep, float("-inf"))
+    (logits.softmax(-1) @ values.repeat_interleave(2, 1)).square().sum().backward()
+    for mine, plain in zip(got, (query.grad, keys.grad, values.grad)):
+        assert torch.allclose(mine, plain, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- 8
+# Int knobs take real ints: floats (4.0) and bools are refused with a message.
+
+
+@pytest.mark.parametrize("value, message", [(4.0, "4.0 is a float: pass the int 4"), (8.0, "pass the int 8"),
+                                            (16.0, "pass the int 16"), (True, "True is a bool")])  # fmt: skip
+def test_8_label_bits_must_be_an_int(value, message):
+    with pytest.raises(ValueError, match=rf"label_bits={value!r} is invalid: .*{message}"):
+        ds.SparsityConfig(label_bits=value)
+
+
+@pytest.mark.parametrize(
+    "field", ["num_channels", "sink_tokens", "recent_tokens", "min_seq_len", "prefetch_warmup_steps"]
+)
+@pytest.mark.parametrize("value", [2.0, True, "2"])
+def test_8_every_int_knob_refuses_floats_bools_and_strings(field, value):
+    with pytest.raises(ValueError, match=rf"SparsityConfig\.{field}="):
+        ds.SparsityConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["dense_layers", "sync_layers"])
+def test_8_layer_lists_hold_ints(field):
+    with pytest.raises(ValueError, match=field):
+        ds.SparsityConfig(**{field: [0, 1.0]})
+    with pytest.raises(ValueError, match=field):
+        ds.SparsityConfig(**{field: [True]})
+    with pytest.raises(ValueError, match=field):
+        ds.SparsityConfig(**{field: [1, "a"]})  # mixed types: refused, not a TypeError from sorting
+
+
+def test_8_a_float_token_count_is_refused_saying_to_pass_an_int():
+    with pytest.raises(ValueError, match=r"token_budget=64\.0 .*for a token count pass an int"):
+        ds.SparsityConfig(token_budget=64.0)
+    assert ds.SparsityConfig(token_budget=1.0).budget_for(10) == 10  # a float is a fraction: 1.0 is all
+
+
+def test_8_numpy_ints_are_ints():
+    numpy = pytest.importorskip("numpy")
+    config = ds.SparsityConfig(label_bits=numpy.int64(8), dense_layers=numpy.arange(2))
+    assert config.label_bits == 8 and type(config.label_bits) is int and config.dense_layers == (0, 1)
+
+
+# --------------------------------------------------------------------------------------------- 10
+# Malformed mask files raise a ValueError that names the file and what is wrong.
+
+
+def mask_bytes(tmp_path):
+    stat, ranking = good_statistics()
+    return write_mask(tmp_path / "good.safetensors", ranking, LAYOUT, {"qk": stat}).read_bytes()
+
+
+SAFETENSORS_FAULTS = {
+    "no ranking tensor": (lambda p: save_file({"statistics.qk": torch.ones(2, 4, 64)}, str(p), metadata={
+        "format": "doublesparse.channel_mask", "kind": "qk", "per_kv_head": "false", "layout": json.dumps(LAYOUT)}),
+        "no 'ranking' tensor"),
+    "empty layout": (lambda p: write_mask(p, good_statistics()[1], {}), r"layout metadata lacks \['num_layers'"),
+    "partial layout": (lambda p: write_mask(p, good_statistics()[1], {"num_layers": 2}), "layout metadata lacks"),
+    "layout not json": (lambda p: write_mask(p, good_statistics()[1], LAYOUT, layout="{oops"), "not valid JSON"),
+    "layout of strings": (lambda p: write_mask(p, good_statistics()[1], {**LAYOUT, "num_heads": "4"}), "positive int"),
+    "layout not the tensor's": (lambda p: write_mask(p, good_statistics()[1], {**LAYOUT, "num_layers": 3}),
+                                "the mask's layout says"),
+    "bad kind": (lambda p: write_mask(p, good_statistics()[1], LAYOUT, kind="v"), "mask kind 'v'"),
+    "bad per_kv_head": (lambda p: write_mask(p, good_statistics()[1], LAYOUT, per_kv_head='"yes"'), "true or false"),
+    "calibration not an object": (lambda p: write_mask(p, good_statistics()[1], LAYOUT, calibration="[1]"),
+                                  "calibration metadata must be a JSON object"),
+    "newer format": (lambda p: write_mask(p, good_statistics()[1], LAYOUT, format_version="9"), "upgrade"),
+    "no format": (lambda p: save_file({"weight": torch.ones(2)}, str(p)), "not a doublesparse channel mask"),
+    "unknown tensor": (lambda p: save_file({"ranking": good_statistics()[1].int(), "extra": torch.ones(1)}, str(p),
+                                           metadata={"format": "doublesparse.channel_mask", "kind": "qk",
+                                                     "per_kv_head": "false", "layout": json.dumps(LAYOUT)}),
+                       "holds a tensor 'extra'"),
+    "empty file": (lambda p: p.write_bytes(b""), "too short for a header"),
+    "truncated": (lambda p: p.write_bytes(mask_bytes(p.parent)[:-100]), "truncated"),
+    "garbage": (lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"\xff" * 40), "header is not JSON"),
+    "text file": (lambda p: p.write_text("hello, this is not a mask at all"), "not a complete safetensors file"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", sorted(SAFETENSORS_FAULTS))
+def test_10_malformed_safetensors_masks_name_the_file(tmp_path, fault):
+    make, message = SAFETENSORS_FAULTS[fault]
+    path = tmp_path / "bad.safetensors"
+    make(path)
+    with pytest.raises(ValueError, match=message) as error:
+        ChannelMask.load(path)
+    assert str(path) in str(error.value)
+
+
+ROWS = [list(range(8)), list(range(7, -1, -1))]
+JSON_FAULTS = {
+    "list at top level": ('[["model.layers.0.self_attn.qk_proj", [[0, 1]]]]', "JSON list at top level"),
+    "layer key not a number": (json.dumps({"model.layers.x.self_attn.qk_proj": ROWS}), "entry 'model.layers.x"),
+    "other key": (json.dumps({"model.layers.0.self_attn.qk_proj": ROWS, "note": "hi"}), "entry 'note'"),
+    "layers not 0..n-1": (json.dumps({"model.layers.1.self_attn.qk_proj": ROWS}), r"are \[1\], not numbered 0..0"),
+    "empty rows": (json.dumps({"model.layers.0.self_attn.qk_proj": []}), "non-empty list of rows"),
+    "empty row": (json.dumps({"model.layers.0.self_attn.qk_proj": [[]]}), "non-empty list of channel indices"),
+    "rows not lists": (json.dumps({"model.layers.0.self_attn.qk_proj": {"a": 1}}), "list of rows"),
+    "string indices": (json.dumps({"model.layers.0.self_attn.qk_proj": [["0", "1"]]}), "is not an integer"),
+    "ragged rows": (json.dumps({"model.layers.0.self_attn.qk_proj": [[0, 1, 2], [0, 1]]}), "ragged rows"),
+    "layers of other shapes": (json.dumps({"model.layers.0.self_attn.qk_proj": ROWS,
+                                           "model.layers.1.self_attn.qk_proj": [ROWS[0]]}), "but layer 0 has 2 rows"),
+    "not a permutation": (json.dumps({"model.layers.0.self_attn.qk_proj": [[0, 0, 1, 2]]}), "not a permutation"),
+    "index out of range": (json.dumps({"model.layers.0.self_attn.qk_proj": [[0, 1, 2, 9]]}), "out of range"),
+    "huge index": (json.dumps({"model.layers.0.self_attn.qk_proj": [[0, 1, 2, 10**30]]}), "far out of range"),
+    "invalid json": ('{"model.layers.0.self_attn.qk_proj": [[0, 1]', "not valid JSON"),
+    "no such kind": (json.dumps({"model.layers.0.self_attn.k_proj": ROWS}), r"no 'qk_proj' entries \(it has \['k'\]\)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", sorted(JSON_FAULTS))
+def test_10_malformed_authors_json_names_the_file(tmp_path, fault):
+    text, message = JSON_FAULTS[fault]
+    path = tmp_path / "bad.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=message) as error:
+        ChannelMask.load(path)
+    assert str(path) in str(error.value)
+
+
+def test_10_invalid_utf8_json_names_the_file(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_bytes(b'{"model.layers.0.self_attn.qk_proj": [[0, 1]], "\xff": 1}')
+    with pytest.raises(ValueError, match=r"bad\.json' is not UTF-8 text"):
+        ChannelMask.load(path)
+
+
+@pytest.mark.parametrize("channels", [5, None, 3.5, ["channels.safetensors"], {"qk": 1}])
+def test_10_apply_with_something_that_is_not_a_mask(channels):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="channels must be a ChannelMask or the path of a channel mask file"):
+        ds.apply(model, channels)
+    assert untouched(model)
+
+
+# --------------------------------------------------------------------------------------------- 11
+# An authors' JSON loaded without a layout is resolved against the model.
+
+
+def authors_qk_file(tmp_path, model):
+    mask = random_channel_mask(model)  # one row per query head, as the authors write qk
+    path = tmp_path / "authors.json"
+    path.write_text(json.dumps({f"model.layers.{i}.self_attn.qk_proj": mask.ranking[i].tolist() for i in range(2)}))
+    return path
+
+
+def test_11_qk_only_authors_json_loaded_without_layout_fits_a_gqa_model(tmp_path):
+    model = tiny_model("qwen2", num_heads=4, num_kv_heads=2)
+    path = authors_qk_file(tmp_path, model)
+    guessed = ChannelMask.load(path)
+    assert guessed.layout_inferred and guessed.layout.num_kv_heads == 4  # MHA was the only guess
+    layout = HeadLayout.from_config(model.config)
+    resolved = guessed.for_model(layout)
+    assert not resolved.per_kv_head and resolved.layout == layout
+    assert torch.equal(resolved.ranking, ChannelMask.load(path, layout=layout).ranking)
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        with ds.patched(model, guessed, SMALL):
+            from_guess = greedy(model, prompt).sequences
+        with ds.patched(model, ChannelMask.load(path, layout=layout), SMALL):
+            from_layout = greedy(model, prompt).sequences
+    assert torch.equal(from_guess, from_layout)
+
+
+def test_11_the_messages_name_the_real_fix(tmp_path):
+    model = tiny_model("qwen2", num_heads=4, num_kv_heads=2)
+    guessed = ChannelMask.load(authors_qk_file(tmp_path, model))
+    layout = HeadLayout.from_config(model.config)
+    kv_only = HeadLayout(num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match=r"guessed: load it with ChannelMask\.load\(path, layout=HeadLayout"):
+        guessed.validate(kv_only)
+    with pytest.raises(ValueError, match="layout=HeadLayout.from_config"):
+        guessed.save(tmp_path / "m.safetensors")
+    guessed.for_model(layout).save(tmp_path / "m.safetensors")  # once resolved, it saves
+
+
+# --------------------------------------------------------------------------------------------- 12
+# Models are identified by something stable, and a mismatch is noted once.
+
+
+def test_12_the_shipped_mask_records_no_absolute_path():
+    from doublesparse.default_model import default_model_path
+
+    mask = ChannelMask.load(default_model_path() / "channels.safetensors")
+    recorded = [mask.layout.name, *(str(v) for v in mask.calibration.values())]
+    assert not any(value.startswith("/") or "/work/" in value for value in recorded), recorded
+    config = transformers.AutoConfig.from_pretrained(default_model_path())
+    assert mask.layout.name == "default_model"
+    assert mask.calibration["model_fingerprint"] == shape_fingerprint(config)
+
+
+def test_12_a_mask_from_another_model_is_noted_once_per_pair(caplog):
+    import doublesparse.channels as channels
+
+    model = tiny_model("llama")
+    layout = HeadLayout.from_config(model.config)
+    stat = torch.rand(2, 4, 16, generator=torch.Generator().manual_seed(0))
+    ranking = stat.argsort(dim=-1, descending=True, stable=True)
+
+    def mask(name, fingerprint=None):
+        calibration = {"model": name} if fingerprint is None else {"model": name, "model_fingerprint": fingerprint}
+        return ChannelMask(
+            ranking, "qk", HeadLayout(**{**layout.__dict__, "name": name}), False, {"qk": stat}, calibration
+        )
+
+    channels._WARNED_PAIRS.clear()
+    model.config._name_or_path = "/some/machine/models/tiny-llama"
+    with caplog.at_level(logging.WARNING, logger="doublesparse.channels"):
+        for _ in range(3):
+            ds.remove(ds.apply(model, mask("/another/machine/tiny-llama", shape_fingerprint(model.config)), SMALL))
+        assert "calibrated on" not in caplog.text  # same model, wherever it lives
+        for _ in range(3):
+            ds.remove(ds.apply(model, mask("other-model"), SMALL))
+        assert caplog.text.count("calibrated on 'other-model'") == 1
+        ds.remove(ds.apply(model, mask("tiny-llama", "0123456789abcdef"), SMALL))
+        assert caplog.text.count("of other weight shapes") == 1
+
+
+def test_12_calibration_records_the_model_by_name_and_shape_fingerprint():
+    from tiny_tokenizer import sample_texts, tiny_tokenizer
+
+    model = tiny_model("llama")
+    model.config._name_or_path = "/home/someone/models/tiny-llama/"
+    mask = ds.calibrate(model, tiny_tokenizer(), sample_texts(4), num_samples=2, seq_len=16, progress=False)
+    assert mask.layout.name == mask.calibration["model"] == "tiny-llama"
+    assert mask.calibration["model_fingerprint"] == shape_fingerprint(model.config)
+
+
+# --------------------------------------------------------------------------------------------- 14
+# Small ones: what the runtime and the calibrate command say, and when.
+
+
+def test_14_a_folder_given_as_the_mask_is_called_a_folder(tmp_path):
+    (tmp_path / "channels.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is a folder, not a mask file: pass the file itself \(it holds channels"):
+        ChannelMask.load(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        ChannelMask.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize(
+    "size, text", [(0, "0 B"), (640, "640 B"), (5000, "4.88 KiB"), (3 << 20, "3.00 MiB"), (5 << 30, "5.00 GiB")]
+)
+def test_14_byte_counts_read_in_a_unit_that_fits(size, text):
+    from doublesparse.offload import format_bytes
+
+    assert format_bytes(size) == text
+
+
+def test_14_host_memory_errors_of_small_sizes_read_in_kib():
+    from doublesparse.offload import HostMemoryBudget
+
+    with pytest.raises(ValueError, match=r"needs 4\.88 KiB of host memory, more than the 1000 B allowed"):
+        HostMemoryBudget(1000).reserve({0: 5000}, "a test")
+
+
+def test_14_an_offload_cache_that_cannot_fit_is_refused_at_make_cache():
+    model = tiny_model("llama")
+    with ds.patched(model, random_channel_mask(model), SMALL.replace(offload=True)):
+        with pytest.raises(ValueError, match=r"batch 1 x 1000000000000 tokens \(batch 1, the least any batch"):
+            ds.make_cache(model, max_cache_len=10**12)
+
+
+def calibrate_args(argv):
+    from doublesparse.calibration import command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    return command, parser.parse_args(argv)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the calibrate command reads data or loads a model."""
+    from doublesparse.calibration import command, data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command started work before checking its arguments")
+
+    monkeypatch.setattr(data, "read_documents", refuse)
+    monkeypatch.setattr(command, "load_model", refuse)
+
+
+def test_14_field_and_split_are_refused_for_text_data(tmp_path, no_work):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text", encoding="utf-8")
+    out = str(tmp_path / "c.safetensors")
+    command, args = calibrate_args(["--data", str(corpus), "--field", "body", "--out", out])
+    with pytest.raises(ValueError, match="--field picks the text field .* plain text, read whole: drop --field"):
+        command.run(args)
+    command, args = calibrate_args(["--data", str(corpus), "--split", "test", "--out", out])
+    with pytest.raises(ValueError, match="--split picks a split of a dataset"):
+        command.run(args)
+
+
+def test_14_doublesparse_with_no_command_prints_usage_and_exits_2(capsys):
+    from doublesparse.cli import main
+
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "usage: doublesparse" in captured.err and "name a command" in captured.err
+
+
+# ---------------------------------------------------------------------------------------------- 9
+# The calibrate and inspect commands check their arguments before work, and Ctrl-C exits quietly.
+
+
+def unwritable_folder(tmp_path) -> Path:
+    if os.geteuid() != 0:
+        folder = tmp_path / "locked"
+        folder.mkdir()
+        folder.chmod(0o500)
+        return folder
+    if not Path("/proc").is_dir():
+        pytest.skip("as root, only a read-only file system (/proc) is unwritable")
+    return Path("/proc")
+
+
+def test_9_unwritable_out_is_refused_before_work(tmp_path, no_work):
+    command, args = calibrate_args(["--out", str(unwritable_folder(tmp_path) / "sub" / "c.safetensors")])
+    with pytest.raises(ValueError, match="--out .* cannot be written: no file can be created in"):
+        command.run(args)
+
+
+def test_9_out_under_a_file_is_refused_before_work(tmp_path, no_work):
+    (tmp_path / "notes.txt").write_text("a file")
+    command, args = calibrate_args(["--out", str(tmp_path / "notes.txt" / "c.safetensors")])
+    with pytest.raises(ValueError, match=r"notes\.txt' is a file, not a folder"):
+        command.run(args)
+    command, args = calibrate_args(["--out", str(tmp_path / "x.safetensors"), "--format", "json"])
+    (tmp_path / "x.json").mkdir()
+    with pytest.raises(ValueError, match=r"its \.json beside it\) .*x\.json' is a folder"):
+        command.run(args)
+
+
+@pytest.mark.parametrize(
+    "device, message", [("bogus", "is not a device: use cpu, cuda"), ("cuda:7", "no cuda device|has .* cuda device")]
+)
+def test_9_devices_this_machine_lacks_are_refused_before_work(tmp_path, no_work, device, message):
+    command, args = calibrate_args(["--device", device, "--out", str(tmp_path / "c.safetensors")])
+    with pytest.raises(ValueError, match=message):
+        command.run(args)
+
+
+def test_9_cuda_on_a_machine_without_it(tmp_path, no_work):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    command, args = calibrate_args(["--device", "cuda", "--out", str(tmp_path / "c.safetensors")])
+    with pytest.raises(
+        ValueError, match="--device 'cuda': this machine has no cuda device available: use --device cpu"
+    ):
+        command.run(args)
+
+
+def test_9_a_model_folder_without_a_config_is_refused(tmp_path, no_work):
+    command, args = calibrate_args(["--model", str(tmp_path), "--out", str(tmp_path / "c.safetensors")])
+    with pytest.raises(ValueError, match="folder without config.json, not a transformers model folder"):
+        command.run(args)
+
+
+def inspect_args(argv):
+    from doublesparse.calibration import inspect_command
+
+    parser = argparse.ArgumentParser()
+    inspect_command.add_arguments(parser)
+    return inspect_command, parser.parse_args(argv)
+
+
+def test_9_inspect_refuses_an_unwritable_plot_and_a_non_mask_file(tmp_path, monkeypatch):
+    weights = tmp_path / "model.safetensors"
+    save_file({"weight": torch.ones(3)}, str(weights))
+    command, args = inspect_args([str(weights)])
+    with pytest.raises(ValueError, match=r"model\.safetensors' is not a doublesparse channel mask"):
+        command.run(args)
+    stat, ranking = good_statistics()
+    good = write_mask(tmp_path / "good.safetensors", ranking, LAYOUT, {"qk": stat})
+    monkeypatch.setattr(ChannelMask, "load", None)  # the plot path is checked before the mask is read
+    for plot, message in [(unwritable_folder(tmp_path) / "p.png", "--plot .* cannot be written"),
+                          (tmp_path / "p.xyz", "images are written as png")]:  # fmt: skip
+        command, args = inspect_args([str(good), "--plot", str(plot)])
+        with pytest.raises(ValueError, match=message):
+            command.run(args)
+
+
+def test_9_ctrl_c_exits_quietly_with_130(monkeypatch, capsys):
+    from doublesparse.calibration import inspect_command
+    from doublesparse.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect_command, "run", interrupted)
+    assert main(["inspect", "channels.safetensors"]) == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "KeyboardInterrupt" not in captured.err
