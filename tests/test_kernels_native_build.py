@@ -1,5 +1,5 @@
 """The native library's build, cache and load are safe: keyed by what the machine code depends on, verified
-before loading, never fatal to the process.
+before loading, never fatal to the process, and its kernels are torch ops that compile without graph breaks.
 
 Loads of corrupted files run in a child process, so a crash (SIGBUS, SIGILL) fails a test instead of
 killing pytest. Every build goes to a temporary cache, never the user's.
@@ -16,15 +16,23 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import pytest
 import torch
 
+import doublesparse as ds
+from doublesparse.decode import StaticDecoder
 from doublesparse.kernels import dispatch, native
-from doublesparse.kernels.label_append import make_labels_reference
+from doublesparse.kernels.label_append import Labels, make_labels_reference
 from doublesparse.kernels.label_scores import label_scores_cpu, label_scores_reference
 from doublesparse.kernels.selection import select_tokens_cpu, select_tokens_reference
-from doublesparse.kernels.sparse_attention import sparse_attention_cpu, sparse_attention_reference
+from doublesparse.kernels.sparse_attention import (
+    sparse_attention_cpu,
+    sparse_attention_cpu_supports,
+    sparse_attention_reference,
+)
+from tiny_models import left_padded_batch, random_channel_mask, tiny_model
 
 pytestmark = pytest.mark.skipif(not native.native_available(), reason="no C compiler here: " + native.native_error())
 
@@ -364,3 +372,114 @@ def test_the_limits_are_the_buffer_sizes_in_the_c_source():
     assert limits.max_group_accumulator == define("MAX_ACCUMULATOR")
     assert limits.max_head_dim == define("MAX_HEAD_DIM")
     assert limits.max_select_tokens == 2**32 - 1
+
+
+def test_python_follows_the_limits_the_library_reports(monkeypatch):
+    query, keys = torch.zeros(1, 8, 1, 64), torch.zeros(1, 2, 10, 64)
+    indices, slot_valid = torch.zeros(1, 2, 1, 4, dtype=torch.long), torch.ones(1, 1, 1, 4, dtype=torch.bool)
+    assert sparse_attention_cpu_supports(query, keys, keys, indices)
+    limits = native.native_limits()
+    smaller_limits = [{"max_group_heads": 2}, {"max_head_dim": 32}, {"max_group_accumulator": 128}]
+    for smaller in smaller_limits + [{"max_select_tokens": 9}]:
+        monkeypatch.setattr(native, "native_limits", lambda smaller=smaller: limits._replace(**smaller))
+        if "max_select_tokens" in smaller:
+            with pytest.raises(ValueError, match="at most 9 tokens"):
+                valid = torch.ones(1, 1, 10, dtype=torch.bool)
+                select_tokens_cpu(torch.zeros(1, 1, 1, 10), valid, torch.ones(1, 1), 0, 1, 1)
+            continue
+        assert not sparse_attention_cpu_supports(query, keys, keys, indices)
+        out = dispatch.sparse_attention(query, keys, keys, indices, slot_valid, 0.1, "cpu")  # the reference serves it
+        assert torch.equal(out, sparse_attention_reference(query, keys, keys, indices, slot_valid, 0.1))
+
+
+# --- torch.library ops and torch.compile ------------------------------------------------------------
+
+
+def op_cases():
+    generator = torch.Generator().manual_seed(4)
+    keys = torch.randn(2, 2, 300, 64, generator=generator)
+    labels = make_labels_reference(keys, torch.arange(8).expand(2, -1), 4)
+    q_labels = torch.randn(2, 8, 1, 8, generator=generator)
+    scores = label_scores_cpu(q_labels, labels, 4, 0.125, 2).clone()
+    valid = torch.ones(2, 1, 300, dtype=torch.bool).tril(290)[:, :1]
+    budgets = torch.tensor([[30], [17]])
+    indices, slot_valid = select_tokens_cpu(scores, valid, budgets, 1, 4, 32)
+    query, values = torch.randn(2, 8, 1, 64, generator=generator), torch.randn(2, 2, 300, 64, generator=generator)
+    return {
+        "label_scores_int4": (
+            lambda q, c, s, o: label_scores_cpu(q, Labels(c, s, o), 4, 0.125, 2),
+            (q_labels, *labels),
+        ),
+        "select_tokens": (lambda s, v, b: select_tokens_cpu(s, v, b, 1, 4, 32), (scores, valid, budgets)),
+        "sparse_attention": (
+            lambda q, k, v, i, m: sparse_attention_cpu(q, k, v, i, m, 0.125),
+            (query, keys.half(), values.half(), indices.clone(), slot_valid),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["label_scores_int4", "select_tokens", "sparse_attention"])
+def test_each_native_op_compiles_without_graph_breaks_and_equals_eager(name):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    function, args = op_cases()[name]
+    counter = CompileCounterWithBackend("inductor")
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(function, backend=counter, fullgraph=True)(*args)
+    assert counter.frame_count == 1 and f"doublesparse.{name}" in counter.graphs[0].code
+    eager = function(*args)
+    as_tuple = lambda result: result if isinstance(result, tuple) else (result,)
+    assert all(torch.equal(c, e) for c, e in zip(as_tuple(compiled), as_tuple(eager)))
+    assert not [str(w.message) for w in caught if "native" in str(w.message) or "lru_cache" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", ["label_scores_int4", "select_tokens", "sparse_attention"])
+def test_the_registered_ops_pass_opcheck(name):
+    _, args = op_cases()[name]
+    op = getattr(torch.ops.doublesparse, name)
+    op_args = {
+        "label_scores_int4": lambda q, c, s, o: (q, c, s, o, 2, 0.125),
+        "select_tokens": lambda s, v, b: (s, v, b, 1, 4, 32),
+        "sparse_attention": lambda q, k, v, i, m: (q, k, v, i, m, 0.125),
+    }[name](*args)
+    torch.library.opcheck(op, op_args)
+
+
+def test_a_compiled_cpu_decode_step_has_no_graph_break_and_matches_eager(one_thread):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = tiny_model("llama", num_layers=1)
+    input_ids, attention_mask = left_padded_batch([9, 6], seed=10)
+    config = ds.SparsityConfig(num_channels=4, token_budget=3, label_bits=4, recent_tokens=1, backend="cpu")
+    ds.apply(model, random_channel_mask(model), config)
+
+    def step(token, mask, cache_position, position_ids, cache):
+        out = model(input_ids=token, attention_mask=mask, cache_position=cache_position, position_ids=position_ids,
+                    past_key_values=cache, use_cache=True)
+        return out.logits[:, -1]
+
+    counter = CompileCounterWithBackend("inductor")
+    torch._dynamo.reset()
+    compiled_step = torch.compile(step, backend=counter, fullgraph=True, dynamic=False)
+    decoder = StaticDecoder(model, max_cache_len=16)
+    runs = {}
+    for name, run_step in (("eager", step), ("compiled", compiled_step)):
+        cache = decoder.new_cache()
+        with torch.no_grad():
+            logits, mask = decoder.prefill(input_ids, attention_mask, cache)
+            positions = mask[:, : input_ids.shape[1]].long().sum(-1, keepdim=True)
+            steps = []
+            for offset in range(4):
+                position = input_ids.shape[1] + offset
+                mask[:, position] = 1
+                token = logits.argmax(-1, keepdim=True)
+                logits = run_step(token, mask, torch.tensor([position]), positions + offset, cache)
+                steps.append(logits)
+        runs[name] = torch.stack(steps, dim=1)
+    assert torch.equal(runs["compiled"].argmax(-1), runs["eager"].argmax(-1))
+    assert (runs["compiled"] - runs["eager"]).abs().max() <= 1e-4
+    assert counter.frame_count == 1  # one graph for every step: no break, no recompilation
+    code = counter.graphs[0].code
+    assert all(f"doublesparse.{op}" in code for op in ("label_scores_int4", "select_tokens", "sparse_attention"))
