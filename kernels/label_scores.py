@@ -243,10 +243,9 @@ def label_scores_cpu(
     scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
     """Native CPU scores of 4-bit labels (cpu_decode.c): same result as `label_scores_reference`, no unpacked copy."""
-    from . import native_ops  # registers the doublesparse:: ops; the library is built at first use
-    from .native import require_native
+    from . import native, native_ops  # native_ops registers the ops; the library is built at first use
 
-    require_native()
+    native.require_native()
     if bits != 4:
         raise ValueError(f"native label scores take 4-bit labels, got {bits}-bit ones; 8- and 16-bit labels run label_scores_reference")
     batch, num_q_heads, rows, num_channels = q_labels.shape

@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -95,6 +94,7 @@ _SELF_TEST = (
 )
 
 logger = logging.getLogger(__name__)
+_LOADED: list[NativeBuild] = []  # the process-wide cache of the loaded library: empty until the first use
 _FIRST_LOAD = threading.Lock()
 
 
@@ -449,19 +449,18 @@ def load_native(compiler: Optional[str] = None) -> NativeBuild:
 
 def native_build() -> NativeBuild:
     """The process-wide result of `load_native()`: loaded once, with one warning where it failed."""
-    with _FIRST_LOAD:  # threads that start decoding together load (and warn) once
-        return _native_build_once()
-
-
-@functools.lru_cache(maxsize=None)
-def _native_build_once() -> NativeBuild:
-    build = load_native()
-    if build.library is None:
-        logger.warning(
-            "the native CPU kernels are unavailable, so backend='auto' runs the torch references on CPU tensors:\n%s",
-            "\n".join(build.problems),
-        )
-    return build
+    if not _LOADED:  # every kernel call asks: only the first takes the lock
+        with _FIRST_LOAD:  # threads that start decoding together load (and warn) once
+            if not _LOADED:
+                build = load_native()
+                if build.library is None:
+                    logger.warning(
+                        "the native CPU kernels are unavailable, so backend='auto' runs the torch references on "
+                        "CPU tensors:\n%s",
+                        "\n".join(build.problems),
+                    )
+                _LOADED.append(build)
+    return _LOADED[0]
 
 
 def native_library() -> Optional[ctypes.CDLL]:
@@ -484,7 +483,7 @@ def native_error() -> str:
 @torch.compiler.assume_constant_result
 def native_limits() -> Optional[NativeLimits]:
     """The loaded library's limits (None where it is unavailable)."""
-    return native_build().limits if native_library() is not None else None
+    return native_build().limits  # None where no library was loaded
 
 
 def require_native() -> None:

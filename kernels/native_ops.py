@@ -22,13 +22,10 @@ from . import native
 ROW_KINDS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 17}  # cpu_decode.c's ROWS_* values
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
 def _on_cpu(*tensors: torch.Tensor) -> None:
-    _check(all(t.device.type == "cpu" for t in tensors), "the native CPU kernels take CPU tensors only")
+    for tensor in tensors:
+        if not tensor.is_cpu:
+            raise ValueError(f"the native CPU kernels take CPU tensors only, got one on {tensor.device}")
 
 
 def label_scores_into(
@@ -45,22 +42,20 @@ def label_scores_into(
     num_label_heads, num_tokens = codes.shape[1], codes.shape[2]
     num_select_heads = out.shape[1]
     _on_cpu(queries, codes, scale, offset, out)
-    _check(
-        codes.dtype == torch.uint8 and codes.dim() == 4,
-        f"codes must be uint8 [B, H_label, T, r/2], got {codes.dtype} {tuple(codes.shape)}",
-    )
-    _check(
+    if not (codes.dtype == torch.uint8 and codes.dim() == 4):
+        raise ValueError(f"codes must be uint8 [B, H_label, T, r/2], got {codes.dtype} {tuple(codes.shape)}")
+    if not (
         codes.shape == (batch, num_label_heads, num_tokens, num_channels // 2) and num_channels % 2 == 0
         and scale.shape == offset.shape == (batch, num_label_heads, num_tokens)
-        and num_q_heads % num_label_heads == 0 and num_q_heads % num_select_heads == 0,
-        f"inconsistent label score shapes: queries {tuple(queries.shape)}, codes {tuple(codes.shape)}, "
-        f"scale {tuple(scale.shape)}, offset {tuple(offset.shape)}, out {tuple(out.shape)}",
-    )
+        and num_q_heads % num_label_heads == 0 and num_q_heads % num_select_heads == 0
+    ):
+        raise ValueError(
+            f"inconsistent label score shapes: queries {tuple(queries.shape)}, codes {tuple(codes.shape)}, "
+            f"scale {tuple(scale.shape)}, offset {tuple(offset.shape)}, out {tuple(out.shape)}"
+        )
     shape = (batch, num_select_heads, rows, num_tokens)
-    _check(
-        out.shape == shape and out.dtype == torch.float32 and out.is_contiguous(),
-        f"out must be contiguous float32 {shape}, got {out.dtype} {tuple(out.shape)}",
-    )
+    if not (out.shape == shape and out.dtype == torch.float32 and out.is_contiguous()):
+        raise ValueError(f"out must be contiguous float32 {shape}, got {out.dtype} {tuple(out.shape)}")
     if out.numel() == 0:
         return
     queries = queries.float().contiguous()
@@ -97,24 +92,23 @@ def select_tokens_into(
     batch, heads, rows, num_tokens = scores.shape
     limits = native.native_limits()
     _on_cpu(scores, valid, budgets, indices, workspace)
-    _check(
-        num_tokens <= limits.max_select_tokens,
-        f"native selection indexes at most {limits.max_select_tokens} tokens, got {num_tokens}",
-    )
-    _check(
-        valid.shape == (batch, rows, num_tokens) and budgets.shape == (batch, rows),
-        f"valid must be [B, L, T] = {(batch, rows, num_tokens)} and budgets [B, L], "
-        f"got {tuple(valid.shape)} and {tuple(budgets.shape)}",
-    )
-    _check(
-        indices.shape[:3] == scores.shape[:3] and indices.dtype == torch.int64 and indices.is_contiguous(),
-        f"indices must be contiguous int64 [{batch}, {heads}, {rows}, K], got {indices.dtype} {tuple(indices.shape)}",
-    )
+    if num_tokens > limits.max_select_tokens:
+        raise ValueError(f"native selection indexes at most {limits.max_select_tokens} tokens, got {num_tokens}")
+    if not (valid.shape == (batch, rows, num_tokens) and budgets.shape == (batch, rows)):
+        raise ValueError(
+            f"valid must be [B, L, T] = {(batch, rows, num_tokens)} and budgets [B, L], "
+            f"got {tuple(valid.shape)} and {tuple(budgets.shape)}"
+        )
+    if not (indices.shape[:3] == scores.shape[:3] and indices.dtype == torch.int64 and indices.is_contiguous()):
+        raise ValueError(
+            f"indices must be contiguous int64 [{batch}, {heads}, {rows}, K], "
+            f"got {indices.dtype} {tuple(indices.shape)}"
+        )
     threads = selection_threads(scores)
-    _check(
-        workspace.dtype == torch.int32 and workspace.is_contiguous() and workspace.numel() >= threads * 2 * num_tokens,
-        f"workspace must be contiguous int32 of at least {threads * 2 * num_tokens} elements",
-    )
+    if not (
+        workspace.dtype == torch.int32 and workspace.is_contiguous() and workspace.numel() >= threads * 2 * num_tokens
+    ):
+        raise ValueError(f"workspace must be contiguous int32 of at least {threads * 2 * num_tokens} elements")
     if indices.numel() == 0:
         return
     scores = scores.float().contiguous()
@@ -147,32 +141,35 @@ def sparse_attention_into(
     batch, num_q_heads, rows, head_dim = query.shape
     num_kv_heads, num_select_heads, slots = keys.shape[1], indices.shape[1], indices.shape[-1]
     _on_cpu(query, keys, values, indices, slot_valid, weights, out)
-    _check(
+    if not (
         keys.dtype == values.dtype and keys.dtype in ROW_KINDS and keys.shape == values.shape
-        and keys.dim() == 4 and keys.shape[0] == batch and keys.shape[3] == head_dim,
-        f"keys and values must be fp32/fp16/bf16 [B, H_kv, T, d] alike, got {keys.dtype} {tuple(keys.shape)} "
-        f"and {values.dtype} {tuple(values.shape)} for query {tuple(query.shape)}",
-    )
-    _check(
+        and keys.dim() == 4 and keys.shape[0] == batch and keys.shape[3] == head_dim
+    ):
+        raise ValueError(
+            f"keys and values must be fp32/fp16/bf16 [B, H_kv, T, d] alike, got {keys.dtype} {tuple(keys.shape)} "
+            f"and {values.dtype} {tuple(values.shape)} for query {tuple(query.shape)}"
+        )
+    if not (
         indices.shape[:3] == (batch, num_select_heads, rows) and num_select_heads % num_kv_heads == 0
-        and num_q_heads % num_select_heads == 0,
-        f"indices {tuple(indices.shape)} must be [B, H_select, L, K], H_select a multiple of H_kv dividing H_q",
-    )
+        and num_q_heads % num_select_heads == 0
+    ):
+        raise ValueError(
+            f"indices {tuple(indices.shape)} must be [B, H_select, L, K], H_select a multiple of H_kv dividing H_q"
+        )
     per_select = num_q_heads // num_select_heads
-    _check(
-        sparse_attention_limits_hold(num_q_heads, num_select_heads, head_dim),
-        f"{per_select} query heads per selection of head_dim {head_dim} exceed the library's {native.native_limits()}",
-    )
-    _check(
-        out.shape == query.shape and out.dtype == torch.float32 and out.is_contiguous(),
-        f"out must be contiguous float32 {tuple(query.shape)}, got {out.dtype} {tuple(out.shape)}",
-    )
+    if not sparse_attention_limits_hold(num_q_heads, num_select_heads, head_dim):
+        raise ValueError(
+            f"{per_select} query heads per selection of head_dim {head_dim} exceed the library's "
+            f"{native.native_limits()}"
+        )
+    if not (out.shape == query.shape and out.dtype == torch.float32 and out.is_contiguous()):
+        raise ValueError(f"out must be contiguous float32 {tuple(query.shape)}, got {out.dtype} {tuple(out.shape)}")
     weights_needed = batch * num_q_heads * rows * slots
-    _check(
-        weights.dtype == torch.float32 and weights.is_contiguous() and weights.numel() >= weights_needed,
-        f"weights must be contiguous float32 [B, H_select, L, {per_select}, K] ({weights_needed} elements), "
-        f"got {weights.dtype} {tuple(weights.shape)}",
-    )
+    if not (weights.dtype == torch.float32 and weights.is_contiguous() and weights.numel() >= weights_needed):
+        raise ValueError(
+            f"weights must be contiguous float32 [B, H_select, L, {per_select}, K] ({weights_needed} elements), "
+            f"got {weights.dtype} {tuple(weights.shape)}"
+        )
     if out.numel() == 0:
         return
     if keys.stride() != values.stride() or keys.stride(3) != 1:

@@ -89,14 +89,13 @@ def select_tokens_cpu(
     Slots [0, budget) of a row hold the same tokens as the reference's, forced tokens first and the
     rest in no particular order; the invalid slots repeat slot 0.
     """
-    from . import native_ops  # registers the doublesparse:: ops; the library is built at first use
-    from .native import native_limits, require_native
+    from . import native, native_ops  # native_ops registers the ops; the library is built at first use
 
-    require_native()
+    native.require_native()
     batch, heads, rows, num_tokens = scores.shape
     if scores.device.type != "cpu":
         raise ValueError(f"native selection takes CPU tensors, got {scores.device}")
-    max_tokens = native_limits().max_select_tokens
+    max_tokens = native.native_limits().max_select_tokens
     if num_tokens > max_tokens:
         raise ValueError(f"native selection indexes at most {max_tokens} tokens, got {num_tokens}; use backend='torch'")
     if valid.shape != (batch, rows, num_tokens) or budgets.shape != (batch, rows):

@@ -380,12 +380,11 @@ def sparse_attention_cpu(
     scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
     """Native CPU sparse attention (cpu_decode.c): same result as the reference, selected rows read in place."""
-    from . import native_ops  # registers the doublesparse:: ops; the library is built at first use
-    from .native import native_limits, require_native
+    from . import native, native_ops  # native_ops registers the ops; the library is built at first use
 
-    require_native()
+    native.require_native()
     if not sparse_attention_cpu_supports(query, keys, values, indices):
-        limits = native_limits()
+        limits = native.native_limits()
         raise ValueError(
             "native sparse attention takes CPU K/V of one dtype (fp32/fp16/bf16) with the same strides and contiguous "
             f"rows, whole KV heads per selection head, at most {limits.max_group_heads} query heads per selection, "

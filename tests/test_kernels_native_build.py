@@ -5,7 +5,6 @@ Loads of corrupted files run in a child process, so a crash (SIGBUS, SIGILL) fai
 killing pytest. Every build goes to a temporary cache, never the user's.
 """
 
-import functools
 import json
 import logging
 import os
@@ -231,8 +230,7 @@ def test_auto_fallback_logs_once_naming_the_reason(cache, tmp_path, monkeypatch,
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
     # A fresh process-wide result for this test only (the real one is restored afterwards).
-    fresh = functools.lru_cache(maxsize=None)(native._native_build_once.__wrapped__)
-    monkeypatch.setattr(native, "_native_build_once", fresh)
+    monkeypatch.setattr(native, "_LOADED", [])
     with caplog.at_level(logging.WARNING, logger=native.__name__):
         assert [dispatch.resolve_backend("auto", torch.device("cpu")) for _ in range(3)] == ["torch"] * 3
         with pytest.raises(ValueError, match="broken on purpose"):
