@@ -112,8 +112,16 @@ class NativeLimits(NamedTuple):
 class _Info(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_int64)
-        for name in ("struct_size", "abi_version", "max_group_heads", "max_group_accumulator", "max_head_dim",
-                     "max_select_tokens", "half_conversion", "openmp")
+        for name in (
+            "struct_size",
+            "abi_version",
+            "max_group_heads",
+            "max_group_accumulator",
+            "max_head_dim",
+            "max_select_tokens",
+            "half_conversion",
+            "openmp",
+        )
     ]
 
 
@@ -172,7 +180,10 @@ def compiler_target(compiler: str) -> list[str]:
     try:
         result = subprocess.run(
             [compiler, "-###", "-march=native", "-E", "-x", "c", os.devnull],
-            capture_output=True, text=True, check=False, timeout=COMPILER_TIMEOUT_S,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=COMPILER_TIMEOUT_S,
         )
     except (OSError, subprocess.SubprocessError) as error:
         return [f"unknown: {error}"]
@@ -324,7 +335,10 @@ def _self_test(library: pathlib.Path, key: str) -> None:
     try:
         result = subprocess.run(
             [sys.executable, "-I", "-c", _SELF_TEST, str(library), key],
-            capture_output=True, text=True, check=False, timeout=SELF_TEST_TIMEOUT_S,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=SELF_TEST_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired as error:
         raise BuildError(f"the built library's self test did not finish in {SELF_TEST_TIMEOUT_S} s") from error
@@ -417,8 +431,12 @@ def open_library(library: pathlib.Path, fresh_name: bool = False) -> tuple[ctype
     known = 0 <= info.half_conversion < len(HALF_CONVERSIONS)
     half_conversion = HALF_CONVERSIONS[info.half_conversion] if known else f"unknown ({info.half_conversion})"
     limits = NativeLimits(
-        info.max_group_heads, info.max_group_accumulator, info.max_head_dim, info.max_select_tokens,
-        half_conversion, info.openmp,
+        info.max_group_heads,
+        info.max_group_accumulator,
+        info.max_head_dim,
+        info.max_select_tokens,
+        half_conversion,
+        info.openmp,
     )
     return lib, limits
 

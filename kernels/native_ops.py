@@ -45,9 +45,11 @@ def label_scores_into(
     if not (codes.dtype == torch.uint8 and codes.dim() == 4):
         raise ValueError(f"codes must be uint8 [B, H_label, T, r/2], got {codes.dtype} {tuple(codes.shape)}")
     if not (
-        codes.shape == (batch, num_label_heads, num_tokens, num_channels // 2) and num_channels % 2 == 0
+        codes.shape == (batch, num_label_heads, num_tokens, num_channels // 2)
+        and num_channels % 2 == 0
         and scale.shape == offset.shape == (batch, num_label_heads, num_tokens)
-        and num_q_heads % num_label_heads == 0 and num_q_heads % num_select_heads == 0
+        and num_q_heads % num_label_heads == 0
+        and num_q_heads % num_select_heads == 0
     ):
         raise ValueError(
             f"inconsistent label score shapes: queries {tuple(queries.shape)}, codes {tuple(codes.shape)}, "
@@ -65,10 +67,22 @@ def label_scores_into(
     if not halves or scale.stride() != offset.stride() or scale.stride(2) != 1:
         scale, offset = scale.half().contiguous(), offset.half().contiguous()
     lib.doublesparse_label_scores(
-        queries.data_ptr(), codes.data_ptr(), *codes.stride()[:3],
-        scale.data_ptr(), offset.data_ptr(), *scale.stride()[:2], out.data_ptr(),
-        batch, num_q_heads, num_label_heads, num_select_heads, rows, num_tokens, num_channels,
-        float(scaling), torch.get_num_threads(),
+        queries.data_ptr(),
+        codes.data_ptr(),
+        *codes.stride()[:3],
+        scale.data_ptr(),
+        offset.data_ptr(),
+        *scale.stride()[:2],
+        out.data_ptr(),
+        batch,
+        num_q_heads,
+        num_label_heads,
+        num_select_heads,
+        rows,
+        num_tokens,
+        num_channels,
+        float(scaling),
+        torch.get_num_threads(),
     )
 
 
@@ -115,8 +129,20 @@ def select_tokens_into(
     valid = valid.bool()
     budgets = budgets.to(torch.int64).contiguous()
     lib.doublesparse_select_tokens(
-        scores.data_ptr(), valid.data_ptr(), *valid.stride(), budgets.data_ptr(), indices.data_ptr(),
-        workspace.data_ptr(), batch, heads, rows, num_tokens, indices.shape[3], sink_tokens, recent_tokens, threads,
+        scores.data_ptr(),
+        valid.data_ptr(),
+        *valid.stride(),
+        budgets.data_ptr(),
+        indices.data_ptr(),
+        workspace.data_ptr(),
+        batch,
+        heads,
+        rows,
+        num_tokens,
+        indices.shape[3],
+        sink_tokens,
+        recent_tokens,
+        threads,
     )
 
 
@@ -127,14 +153,21 @@ def sparse_attention_limits_hold(num_q_heads: int, num_select_heads: int, head_d
         return False
     per_select = num_q_heads // num_select_heads
     return (
-        per_select <= limits.max_group_heads and per_select * head_dim <= limits.max_group_accumulator
+        per_select <= limits.max_group_heads
+        and per_select * head_dim <= limits.max_group_accumulator
         and head_dim <= limits.max_head_dim
     )
 
 
 def sparse_attention_into(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, slot_valid: torch.Tensor,
-    scaling: float, weights: torch.Tensor, out: torch.Tensor,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    slot_valid: torch.Tensor,
+    scaling: float,
+    weights: torch.Tensor,
+    out: torch.Tensor,
 ) -> None:
     """Native sparse attention into `out` (fp32 [B, H_q, L, d], contiguous); weights fp32 [B, H_select, L, G, K]."""
     lib = native.require_library()
@@ -142,15 +175,20 @@ def sparse_attention_into(
     num_kv_heads, num_select_heads, slots = keys.shape[1], indices.shape[1], indices.shape[-1]
     _on_cpu(query, keys, values, indices, slot_valid, weights, out)
     if not (
-        keys.dtype == values.dtype and keys.dtype in ROW_KINDS and keys.shape == values.shape
-        and keys.dim() == 4 and keys.shape[0] == batch and keys.shape[3] == head_dim
+        keys.dtype == values.dtype
+        and keys.dtype in ROW_KINDS
+        and keys.shape == values.shape
+        and keys.dim() == 4
+        and keys.shape[0] == batch
+        and keys.shape[3] == head_dim
     ):
         raise ValueError(
             f"keys and values must be fp32/fp16/bf16 [B, H_kv, T, d] alike, got {keys.dtype} {tuple(keys.shape)} "
             f"and {values.dtype} {tuple(values.shape)} for query {tuple(query.shape)}"
         )
     if not (
-        indices.shape[:3] == (batch, num_select_heads, rows) and num_select_heads % num_kv_heads == 0
+        indices.shape[:3] == (batch, num_select_heads, rows)
+        and num_select_heads % num_kv_heads == 0
         and num_q_heads % num_select_heads == 0
     ):
         raise ValueError(
@@ -178,9 +216,25 @@ def sparse_attention_into(
     index = indices.to(torch.int64).contiguous()
     keep = slot_valid.to(torch.bool).expand(batch, num_select_heads, rows, slots)
     lib.doublesparse_sparse_attention(
-        queries.data_ptr(), keys.data_ptr(), values.data_ptr(), *keys.stride()[:3], index.data_ptr(), keep.data_ptr(),
-        *keep.stride(), weights.data_ptr(), out.data_ptr(), batch, num_q_heads, num_kv_heads, num_select_heads,
-        rows, slots, head_dim, ROW_KINDS[keys.dtype], float(scaling), torch.get_num_threads(),
+        queries.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        *keys.stride()[:3],
+        index.data_ptr(),
+        keep.data_ptr(),
+        *keep.stride(),
+        weights.data_ptr(),
+        out.data_ptr(),
+        batch,
+        num_q_heads,
+        num_kv_heads,
+        num_select_heads,
+        rows,
+        slots,
+        head_dim,
+        ROW_KINDS[keys.dtype],
+        float(scaling),
+        torch.get_num_threads(),
     )
 
 

@@ -31,6 +31,7 @@ from doublesparse.kernels.sparse_attention import (
     sparse_attention_cpu_supports,
     sparse_attention_reference,
 )
+
 from tiny_models import left_padded_batch, random_channel_mask, tiny_model
 
 pytestmark = pytest.mark.skipif(not native.native_available(), reason="no C compiler here: " + native.native_error())
@@ -155,8 +156,7 @@ def test_concurrent_first_uses_build_once(cache, monkeypatch):
     real_compile = native._compile
     monkeypatch.setattr(native, "_compile", lambda *args: compiles.append(args) or real_compile(*args))
     results = []
-    build = lambda: results.append(native._build(native._compiler(), FLAGS))
-    threads = [threading.Thread(target=build) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: results.append(native._build(native._compiler(), FLAGS))) for _ in "ab"]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -364,11 +364,11 @@ def test_other_compilers_build_kernels_that_match_the_references(compiler, cache
 
 def test_the_limits_are_the_buffer_sizes_in_the_c_source():
     source = native.SOURCE.read_text()
-    define = lambda name: int(re.search(rf"#define {name} (\d+)", source).group(1))
+    defines = dict(re.findall(r"#define (MAX_\w+) (\d+)", source))
     limits = native.native_limits()
-    assert limits.max_group_heads == define("MAX_GROUP_HEADS")
-    assert limits.max_group_accumulator == define("MAX_ACCUMULATOR")
-    assert limits.max_head_dim == define("MAX_HEAD_DIM")
+    assert limits.max_group_heads == int(defines["MAX_GROUP_HEADS"])
+    assert limits.max_group_accumulator == int(defines["MAX_ACCUMULATOR"])
+    assert limits.max_head_dim == int(defines["MAX_HEAD_DIM"])
     assert limits.max_select_tokens == 2**32 - 1
 
 
@@ -428,8 +428,9 @@ def test_each_native_op_compiles_without_graph_breaks_and_equals_eager(name):
         compiled = torch.compile(function, backend=counter, fullgraph=True)(*args)
     assert counter.frame_count == 1 and f"doublesparse.{name}" in counter.graphs[0].code
     eager = function(*args)
-    as_tuple = lambda result: result if isinstance(result, tuple) else (result,)
-    assert all(torch.equal(c, e) for c, e in zip(as_tuple(compiled), as_tuple(eager)))
+    if not isinstance(eager, tuple):
+        compiled, eager = (compiled,), (eager,)
+    assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
     assert not [str(w.message) for w in caught if "native" in str(w.message) or "lru_cache" in str(w.message)]
 
 
@@ -454,8 +455,14 @@ def test_a_compiled_cpu_decode_step_has_no_graph_break_and_matches_eager(one_thr
     ds.apply(model, random_channel_mask(model), config)
 
     def step(token, mask, cache_position, position_ids, cache):
-        out = model(input_ids=token, attention_mask=mask, cache_position=cache_position, position_ids=position_ids,
-                    past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=token,
+            attention_mask=mask,
+            cache_position=cache_position,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
         return out.logits[:, -1]
 
     counter = CompileCounterWithBackend("inductor")
