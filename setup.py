@@ -4,14 +4,20 @@
 but install as subpackages of `doublesparse`, so nothing generic lands in site-packages.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGE_DIRS = {
+# Top folders and the package each installs as.
+TOP_PACKAGES = {
     "doublesparse": "doublesparse",
     "doublesparse.kernels": "kernels",
     "doublesparse.calibration": "calibration",
     "doublesparse.eval": "eval",
 }
+# Every subpackage too (doublesparse.eval.tasks, ...): a non-editable install holds only the packages listed.
+PACKAGE_DIRS = dict(TOP_PACKAGES)
+for package, folder in TOP_PACKAGES.items():
+    for sub in find_packages(where=folder):
+        PACKAGE_DIRS.setdefault(f"{package}.{sub}", f"{folder}/{sub.replace('.', '/')}")
 
 setup(
     name="doublesparse",
@@ -24,7 +30,11 @@ setup(
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
     include_package_data=True,
-    package_data={"doublesparse": ["assets/**/*"], "doublesparse.kernels": ["*.c"], "doublesparse.eval": ["tasks/**/*"]},
+    package_data={
+        "doublesparse": ["assets/**/*"],
+        "doublesparse.kernels": ["*.c"],
+        "doublesparse.eval.tasks": ["lm_eval_tasks/*"],
+    },
     # Ranges cover the GPU test machine (torch 2.11, triton 3.6, transformers 5.17) up to the
     # versions pinned here. With torch present in range nothing is replaced; on a fresh CPU machine
     # of this workplace the newest torch below 2.14 is the local 2.13.0+cpu wheel, and triton

@@ -17,7 +17,8 @@ import torch
 
 from doublesparse.channels import KINDS, ChannelMask, rank_statistic
 from doublesparse.layout import HeadLayout
-from doublesparse.patch import STATE_ATTRIBUTE, attention_modules, check_supported
+from doublesparse.patch import is_patched
+from doublesparse.support import attention_modules, check_supported
 
 from .capture import capturing
 from .data import calibration_blocks
@@ -38,7 +39,7 @@ def calibrate(
     progress: bool = True,
     source: Optional[str] = None,
 ) -> ChannelMask:
-    """Calibrate `model` on `texts` (packed into `num_samples` blocks of `seq_len` tokens) and rank its channels by `kind`."""
+    """Calibrate `model` on `texts` (packed into `num_samples` blocks of `seq_len` tokens); rank channels by `kind`."""
     if isinstance(texts, (str, bytes)):
         raise ValueError(
             "texts must be a sequence of documents, got a single string: wrap it in a list, or read a file "
@@ -52,7 +53,13 @@ def calibrate(
     blocks = calibration_blocks(tokenizer, texts, num_samples=num_samples, seq_len=seq_len, seed=seed)
     settings = {"source": source or f"{len(texts)} texts", "seq_len": seq_len, "seed": seed}
     return calibrate_blocks(
-        model, blocks, kind=kind, batch_size=batch_size, keep_rope_pairs=keep_rope_pairs, progress=progress, calibration=settings
+        model,
+        blocks,
+        kind=kind,
+        batch_size=batch_size,
+        keep_rope_pairs=keep_rope_pairs,
+        progress=progress,
+        calibration=settings,
     )
 
 
@@ -67,7 +74,7 @@ def calibrate_blocks(
     progress: bool = True,
     calibration: Optional[dict[str, Any]] = None,
 ) -> ChannelMask:
-    """Calibrate `model` on token blocks [N, L] (padding marked 0 in `attention_mask`) and rank its channels by `kind`."""
+    """Calibrate `model` on token blocks [N, L] (padding 0 in `attention_mask`); rank its channels by `kind`."""
     check_settings(kind=kind, batch_size=batch_size)
     layout, modules = check_model(model)
     input_ids, attention_mask = _check_blocks(model, input_ids, attention_mask)
@@ -115,7 +122,7 @@ def check_model(model: torch.nn.Module) -> tuple[HeadLayout, list[torch.nn.Modul
     config = getattr(model, "config", None)
     if config is None or not isinstance(model, torch.nn.Module):
         raise ValueError(f"calibration needs a transformers model, got {type(model).__name__}")
-    if getattr(model, STATE_ATTRIBUTE, None) is not None:
+    if is_patched(model):
         raise ValueError("this model is patched by doublesparse: call doublesparse.remove(model) before calibrating")
     layout = HeadLayout.from_config(config)
     check_supported(model, layout)
@@ -133,22 +140,29 @@ def rope_pair_dim(config: Any, head_dim: int) -> int:
     return rotary - rotary % 2
 
 
-def _check_blocks(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _check_blocks(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     input_ids = torch.as_tensor(input_ids)
     if input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError(f"calibration blocks must be a non-empty [blocks, seq_len] tensor, got shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"calibration blocks must be a non-empty [blocks, seq_len] tensor, got shape {tuple(input_ids.shape)}"
+        )
     if input_ids.dtype.is_floating_point:
         raise ValueError("calibration blocks must hold integer token ids")
     vocab = model.get_input_embeddings().num_embeddings
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
         raise ValueError(
-            f"token ids range over {int(input_ids.min())}..{int(input_ids.max())} but the model's vocabulary has {vocab}: "
+            f"token ids range over {int(input_ids.min())}..{int(input_ids.max())} "
+            f"but the model's vocabulary has {vocab}: "
             "use the model's own tokenizer"
         )
     if attention_mask is not None:
         attention_mask = torch.as_tensor(attention_mask)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from the blocks' {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from the blocks' {tuple(input_ids.shape)}"
+            )
         if not bool(attention_mask.bool().any()):
             raise ValueError("attention_mask marks every token as padding")
     return input_ids.long(), attention_mask
@@ -174,9 +188,11 @@ def _run_forwards(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), capturing(model, modules, statistics), tqdm(
-            total=total, unit="tok", unit_scale=True, desc="calibrating", disable=not progress
-        ) as bar:
+        with (
+            torch.no_grad(),
+            capturing(model, modules, statistics),
+            tqdm(total=total, unit="tok", unit_scale=True, desc="calibrating", disable=not progress) as bar,
+        ):
             for start in range(0, len(input_ids), batch_size):
                 ids = input_ids[start : start + batch_size].to(device)
                 mask = attention_mask[start : start + batch_size].to(device) if attention_mask is not None else None
@@ -191,7 +207,11 @@ def _run_forwards(
 def _start_time() -> str:
     # SOURCE_DATE_EPOCH (the reproducible-builds convention) pins the recorded time, for byte-identical files.
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    moment = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch else datetime.datetime.now(datetime.timezone.utc)
+    moment = (
+        datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
+        if epoch
+        else datetime.datetime.now(datetime.timezone.utc)
+    )
     return moment.replace(microsecond=0).isoformat()
 
 
@@ -200,4 +220,8 @@ def _versions() -> dict[str, str]:
 
     import doublesparse
 
-    return {"doublesparse": doublesparse.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "doublesparse": doublesparse.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }

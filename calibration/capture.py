@@ -12,9 +12,9 @@ import contextlib
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+
+from doublesparse.attention_patch import attention_patched
 
 from .statistics import ChannelStatistics
 
@@ -40,19 +40,11 @@ def capture_attention(
 
 
 @contextlib.contextmanager
-def capturing(model: torch.nn.Module, modules: Sequence[torch.nn.Module], statistics: ChannelStatistics) -> Iterator[None]:
-    """Within the block, every forward of `model` adds to `statistics`; on exit (also on error) the model is restored."""
-    AttentionInterface.register(CAPTURE_NAME, capture_attention)
-    AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
-    previous = model.config._attn_implementation
-    try:
-        for module in modules:
-            setattr(module, RECORDER_ATTRIBUTE, statistics)
-        model.set_attn_implementation(CAPTURE_NAME)
+def capturing(
+    model: torch.nn.Module, modules: Sequence[torch.nn.Module], statistics: ChannelStatistics
+) -> Iterator[None]:
+    """Within the block, every forward of `model` adds to `statistics`; restored on exit (also on error)."""
+    with attention_patched(
+        model, CAPTURE_NAME, capture_attention, RECORDER_ATTRIBUTE, dict.fromkeys(modules, statistics)
+    ):
         yield
-    finally:
-        for module in modules:
-            if hasattr(module, RECORDER_ATTRIBUTE):
-                delattr(module, RECORDER_ATTRIBUTE)
-        if model.config._attn_implementation != previous:
-            model.set_attn_implementation(previous or "sdpa")

@@ -21,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--field", default="text", help="text field of jsonl records or dataset rows (default: text)")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
-    parser.add_argument("--kind", default="qk", choices=("q", "k", "qk"), help="statistic that ranks channels (default: qk)")
+    parser.add_argument(
+        "--kind", default="qk", choices=("q", "k", "qk"), help="statistic that ranks channels (default: qk)"
+    )
     parser.add_argument("--samples", type=int, default=256, help="calibration blocks (default: 256)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per block (default: 512)")
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default: 8)")
@@ -32,13 +34,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seed of the block sampling (default: 0); with SOURCE_DATE_EPOCH set, the recorded time is pinned "
         "too and the same seed and data give a byte-identical file",
     )
-    parser.add_argument("--keep-rope-pairs", action="store_true", help="rank RoPE channel pairs, keeping both members together")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32; statistics are fp32 anyway)")
-    parser.add_argument("--device-map", help='passed to from_pretrained, e.g. "auto" to split the model over devices')
-    parser.add_argument("--device", help="device for the model without --device-map (default: cuda if available, else cpu)")
-    parser.add_argument("--out", default="channels.safetensors", help="output channel mask (default: channels.safetensors)")
     parser.add_argument(
-        "--format", default="safetensors", choices=("safetensors", "json"), help="json also writes the authors'/SGLang JSON beside the file"
+        "--keep-rope-pairs", action="store_true", help="rank RoPE channel pairs, keeping both members together"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32; statistics are fp32 anyway)"
+    )
+    parser.add_argument("--device-map", help='passed to from_pretrained, e.g. "auto" to split the model over devices')
+    parser.add_argument(
+        "--device", help="device for the model without --device-map (default: cuda if available, else cpu)"
+    )
+    parser.add_argument(
+        "--out", default="channels.safetensors", help="output channel mask (default: channels.safetensors)"
+    )
+    parser.add_argument(
+        "--format",
+        default="safetensors",
+        choices=("safetensors", "json"),
+        help="json also writes the authors'/SGLang JSON beside the file",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -41,11 +41,17 @@ def read_documents(source: PathLike, *, field: str = "text", split: str = "train
     """The non-empty documents of a text file, folder of .txt, jsonl file, saved dataset or dataset name."""
     path = Path(source)
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        if (
+            (path / "dataset_info.json").is_file()
+            or (path / "state.json").is_file()
+            or (path / "dataset_dict.json").is_file()
+        ):
             return _dataset_documents(str(path), field, split, from_disk=True)
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
-            raise ValueError(f"folder {str(path)!r} holds no .txt files: pass a folder of .txt, a .txt or a .jsonl file")
+            raise ValueError(
+                f"folder {str(path)!r} holds no .txt files: pass a folder of .txt, a .txt or a .jsonl file"
+            )
         documents = [_read_text(p) for p in files]
     elif path.is_file():
         documents = _jsonl_documents(path, field) if path.suffix in (".jsonl", ".json") else [_read_text(path)]
@@ -97,14 +103,18 @@ def sample_blocks(blocks: torch.Tensor, num_samples: int, *, seed: int = 0) -> t
     if num_samples < 1:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     if num_samples > len(blocks):
-        logger.warning("calibration data gives %d blocks, fewer than the %d asked for: using all", len(blocks), num_samples)
+        logger.warning(
+            "calibration data gives %d blocks, fewer than the %d asked for: using all", len(blocks), num_samples
+        )
         num_samples = len(blocks)
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(blocks), generator=generator)[:num_samples]
     return blocks[chosen]
 
 
-def calibration_blocks(tokenizer: Any, documents: Sequence[str], *, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+def calibration_blocks(
+    tokenizer: Any, documents: Sequence[str], *, num_samples: int, seq_len: int, seed: int = 0
+) -> torch.Tensor:
     """Pack `documents` and draw `num_samples` blocks of `seq_len` tokens, deterministically from `seed`."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -169,7 +179,8 @@ def _dataset_documents(source: str, field: str, split: str, *, from_disk: bool) 
         import datasets
     except ImportError as error:
         raise ValueError(
-            f"reading {source!r} needs the `datasets` package, which is not installed: pass a .txt/.jsonl file or folder"
+            f"reading {source!r} needs the `datasets` package, which is not installed: "
+            "pass a .txt/.jsonl file or folder"
         ) from error
     try:
         if from_disk:
@@ -178,7 +189,9 @@ def _dataset_documents(source: str, field: str, split: str, *, from_disk: bool) 
             name, _, config = source.partition(":")
             data = datasets.load_dataset(name, config or None, split=split)
     except Exception as error:  # datasets raises many kinds; all mean the same to the user
-        raise ValueError(f"cannot load dataset {source!r} ({type(error).__name__}: {error}): pass a local file or folder") from error
+        raise ValueError(
+            f"cannot load dataset {source!r} ({type(error).__name__}: {error}): pass a local file or folder"
+        ) from error
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise ValueError(f"dataset {source!r} has splits {sorted(data)}, not {split!r}: choose one with --split")

@@ -11,7 +11,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the inspect command."""
     parser.add_argument("channels", help="channel mask (.safetensors, or the authors' .json)")
     parser.add_argument("--r", type=int, default=16, help="channels kept per head (default: 16)")
-    parser.add_argument("--kind", choices=("q", "k", "qk"), help="statistic to show (default: the one the mask is ranked by)")
+    parser.add_argument(
+        "--kind", choices=("q", "k", "qk"), help="statistic to show (default: the one the mask is ranked by)"
+    )
     parser.add_argument("--per-kv", action="store_true", help="one row per KV head (statistics summed over each group)")
     parser.add_argument("--plot", help="save a heatmap of channel importance to this image file (png, pdf, svg)")
     parser.add_argument("--layer", type=int, help="plot only this layer (heads x channels)")
@@ -19,8 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the tables; save the plot."""
+    from doublesparse.calibration.report import (
+        concentration_summary,
+        head_table,
+        plot_importance,
+        radii_for,
+        top_channels_table,
+    )
     from doublesparse.channels import ChannelMask
-    from doublesparse.calibration.report import concentration_summary, head_table, plot_importance, radii_for, top_channels_table
 
     mask = ChannelMask.load(args.channels, kind=args.kind)
     if not 1 <= args.r <= mask.head_dim:
@@ -31,12 +39,15 @@ def run(args: argparse.Namespace) -> int:
         mask = mask.per_kv()
     layout = mask.layout
     settings = mask.calibration
-    print(f"{args.channels}: {mask.kind} ranking, {mask.num_layers} layers x {mask.num_heads} {'KV heads' if mask.per_kv_head else 'heads'} x {mask.head_dim} channels")
+    rows = "KV heads" if mask.per_kv_head else "heads"
+    shape = f"{mask.num_layers} layers x {mask.num_heads} {rows} x {mask.head_dim} channels"
+    print(f"{args.channels}: {mask.kind} ranking, {shape}")
     if layout.name:
         print(f"  model {layout.name} ({layout.model_type})")
     if settings.get("tokens"):
         print(
-            f"  calibrated on {settings.get('source')}: {settings.get('num_samples')} x {settings.get('seq_len')} tokens, "
+            f"  calibrated on {settings.get('source')}: "
+            f"{settings.get('num_samples')} x {settings.get('seq_len')} tokens, "
             f"seed {settings.get('seed')}, RoPE pairs kept: {settings.get('keep_rope_pairs', False)}"
         )
     if mask.kind in mask.statistics:

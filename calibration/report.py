@@ -39,14 +39,21 @@ def head_table(mask: ChannelMask, r: int) -> str:
     """Concentration at r of every head of every layer (rows layers, columns heads), as text."""
     values = mask.concentration(r)
     header = ["layer"] + [f"h{h}" for h in range(mask.num_heads)] + ["mean"]
-    rows = [[f"{layer}"] + [f"{v:.2f}" for v in values[layer].tolist()] + [f"{float(values[layer].mean()):.3f}"] for layer in range(mask.num_layers)]
+    rows = [
+        [f"{layer}"] + [f"{v:.2f}" for v in values[layer].tolist()] + [f"{float(values[layer].mean()):.3f}"]
+        for layer in range(mask.num_layers)
+    ]
     return _table(header, rows)
 
 
 def top_channels_table(mask: ChannelMask, r: int) -> str:
     """The top r channels of every head (for masks that store no statistics)."""
     top = mask.ranking[..., :r]
-    rows = [[f"{layer}", f"{head}", " ".join(str(c) for c in top[layer, head].tolist())] for layer in range(mask.num_layers) for head in range(mask.num_heads)]
+    rows = [
+        [f"{layer}", f"{head}", " ".join(str(c) for c in top[layer, head].tolist())]
+        for layer in range(mask.num_layers)
+        for head in range(mask.num_heads)
+    ]
     return _table(["layer", "head", f"top {r} channels, best first"], rows)
 
 
@@ -76,7 +83,10 @@ def plot_importance(mask: ChannelMask, path: PathLike, *, layer: Optional[int] =
         ylabel, title = rows_name, f"layer {layer}: {mask.kind} channel importance"
     else:
         image = values.reshape(-1, mask.head_dim)
-        ylabel, title = f"layer x {rows_name}", f"{mask.kind} channel importance (rows: layers, {mask.num_heads} {rows_name}s each)"
+        ylabel, title = (
+            f"layer x {rows_name}",
+            f"{mask.kind} channel importance (rows: layers, {mask.num_heads} {rows_name}s each)",
+        )
     height = min(12.0, max(3.0, image.shape[0] * 0.08 + 1.5))
     figure, axes = pyplot.subplots(figsize=(max(6.0, mask.head_dim * 0.06 + 2), height))
     shown = axes.imshow(image.numpy(), aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0)
@@ -84,13 +94,16 @@ def plot_importance(mask: ChannelMask, path: PathLike, *, layer: Optional[int] =
         for boundary in range(1, mask.num_layers):
             axes.axhline(boundary * mask.num_heads - 0.5, color="white", linewidth=0.4)
         step = max(1, mask.num_layers // 16)
-        axes.set_yticks([l * mask.num_heads + (mask.num_heads - 1) / 2 for l in range(0, mask.num_layers, step)])
-        axes.set_yticklabels([str(l) for l in range(0, mask.num_layers, step)])
+        tick_layers = range(0, mask.num_layers, step)
+        axes.set_yticks([layer * mask.num_heads + (mask.num_heads - 1) / 2 for layer in tick_layers])
+        axes.set_yticklabels([str(layer) for layer in tick_layers])
         ylabel = "layer"
     axes.set_xlabel("channel")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
-    figure.colorbar(shown, ax=axes, label="importance (head max = 1)" if mask.kind in mask.statistics else "1 - rank / d")
+    figure.colorbar(
+        shown, ax=axes, label="importance (head max = 1)" if mask.kind in mask.statistics else "1 - rank / d"
+    )
     figure.tight_layout()
     suffix = os.path.splitext(str(path))[1].lstrip(".") or "png"
     try:

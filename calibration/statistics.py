@@ -56,7 +56,9 @@ class ChannelStatistics:
         products = query.view(batch, num_kv, group, rows, head_dim) * key[:, :, None]
         self._accumulate(self._q_sums, layer, torch.linalg.vector_norm(query, 1, dim=(0, 2)))
         self._accumulate(self._k_sums, layer, torch.linalg.vector_norm(key, 1, dim=(0, 2)))
-        self._accumulate(self._qk_sums, layer, torch.linalg.vector_norm(products, 1, dim=(0, 3)).view(num_heads, head_dim))
+        self._accumulate(
+            self._qk_sums, layer, torch.linalg.vector_norm(products, 1, dim=(0, 3)).view(num_heads, head_dim)
+        )
         self._tokens[layer] = self._tokens.get(layer, 0) + tokens
 
     @property
@@ -91,7 +93,9 @@ class ChannelStatistics:
             return None
         mask = self.token_mask[:, -rows:]
         if mask.shape != (batch, rows):
-            raise ValueError(f"token mask of shape {tuple(self.token_mask.shape)} does not fit a batch of {batch}x{rows}")
+            raise ValueError(
+                f"token mask of shape {tuple(self.token_mask.shape)} does not fit a batch of {batch}x{rows}"
+            )
         return mask.to(device=device, dtype=torch.bool)
 
     @staticmethod

@@ -1,45 +1,55 @@
-"""doublesparse: Double Sparsity (post-training sparse attention) for stock Hugging Face models."""
+"""doublesparse: Double Sparsity (post-training sparse attention) for stock Hugging Face models.
+
+Attributes load on first use, so that `import doublesparse` (and the console command's `--help`)
+imports neither torch nor transformers until something needs them.
+"""
 
 from __future__ import annotations
 
-from .cache import DoubleSparseCache, LabelCacheLayer, StaticDoubleSparseCache, StaticLabelLayer
-from .channels import ChannelMask
-from .config import SparsityConfig
-from .layout import HeadLayout
-from .patch import apply, make_cache, patch_state, patched, remove
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Calibration sits above the runtime in the dependency order (eval -> calibration -> doublesparse),
-# and the bundled model pulls in its assets: both are imported only when first used.
-_LAZY = {
-    "calibrate": ("doublesparse.calibration", "calibrate"),
-    "load_default_model": ("doublesparse.default_model", "load_default_model"),
+# Public name -> the module that defines it. Calibration sits above the runtime in the dependency
+# order (eval -> calibration -> doublesparse), so it is reached only through this lazy table.
+_EXPORTS = {
+    "ChannelMask": "doublesparse.channels",
+    "DoubleSparseCache": "doublesparse.cache",
+    "HeadLayout": "doublesparse.layout",
+    "LabelCacheLayer": "doublesparse.cache",
+    "OffloadCache": "doublesparse.offload",
+    "SparsityConfig": "doublesparse.config",
+    "StaticDoubleSparseCache": "doublesparse.cache",
+    "StaticLabelLayer": "doublesparse.cache",
+    "apply": "doublesparse.patch",
+    "calibrate": "doublesparse.calibration",
+    "is_patched": "doublesparse.patch",
+    "load_default_model": "doublesparse.default_model",
+    "make_cache": "doublesparse.patch",
+    "patch_state": "doublesparse.patch",
+    "patched": "doublesparse.patch",
+    "remove": "doublesparse.patch",
 }
 
+__all__ = sorted(_EXPORTS)
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors only
+    from .cache import DoubleSparseCache, LabelCacheLayer, StaticDoubleSparseCache, StaticLabelLayer
+    from .channels import ChannelMask
+    from .config import SparsityConfig
+    from .layout import HeadLayout
+    from .offload import OffloadCache
+    from .patch import apply, is_patched, make_cache, patch_state, patched, remove
 
-        module_name, attribute = _LAZY[name]
-        return getattr(importlib.import_module(module_name), attribute)
-    raise AttributeError(f"module 'doublesparse' has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'doublesparse' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
 
-__all__ = [
-    "ChannelMask",
-    "DoubleSparseCache",
-    "HeadLayout",
-    "LabelCacheLayer",
-    "SparsityConfig",
-    "StaticDoubleSparseCache",
-    "StaticLabelLayer",
-    "apply",
-    "calibrate",
-    "load_default_model",
-    "make_cache",
-    "patch_state",
-    "patched",
-    "remove",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -7,6 +7,9 @@ beam reorder and batch selection keep keys, values and labels in step.
 `StaticLabelLayer` is the preallocated form (transformers' `StaticLayer` conventions): fixed
 buffers written in place at the cache position, so a decode step allocates nothing, reads no value
 back to the host, and can be compiled and captured in a CUDA graph.
+
+Both are `SparseLayer`s: they run their layer's attention step (label_attention.py) with what they
+hold, so the attention function needs to know nothing about them.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from typing import Any, Optional
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
-from .kernels.dispatch import make_labels
+from .kernels.dispatch import make_labels, resolve_backend
 from .kernels.label_append import Labels
 from .kernels.scratch import Scratch
+from .label_attention import attend_over_labels
+from .plan import LayerPlan
+from .step import AttentionCall, SparseLayer
 
 
-class LabelCacheLayer(DynamicLayer):
+class LabelCacheLayer(SparseLayer, DynamicLayer):
     """A dynamic KV layer that also stores the labels of its keys."""
 
     def __init__(self, channels: torch.Tensor, label_bits: int, backend: str = "auto") -> None:
@@ -29,16 +35,22 @@ class LabelCacheLayer(DynamicLayer):
         self.channels = channels
         self.label_bits = label_bits
         self.backend = backend
+        self._label_backend: Optional[str] = None
         self.labels: Optional[Labels] = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Append keys, values and the new keys' labels; return the whole keys and values."""
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self.channels.device != key_states.device:
+        if self._label_backend is None or self.channels.device != key_states.device:
             self.channels = self.channels.to(key_states.device)
-        new = make_labels(key_states, self.channels, self.label_bits, self.backend)
+            self._label_backend = resolve_backend(self.backend, key_states.device)  # once, on the keys' device
+        new = make_labels(key_states, self.channels, self.label_bits, self._label_backend)
         self.labels = new if self.labels is None else Labels(*(_cat(a, b) for a, b in zip(self.labels, new)))
         return keys, values
+
+    def attend(self, call: AttentionCall, plan: LayerPlan) -> tuple[torch.Tensor, None]:
+        """The Double Sparsity step over this layer's keys, scored from its labels."""
+        return attend_over_labels(call, plan, self.labels)
 
     def _map_labels(self, fn) -> None:
         if self.labels is not None:
@@ -93,13 +105,17 @@ class DoubleSparseCache(DynamicCache):
     is called with no cache or with an empty one (as `generate` does).
     """
 
-    def __init__(self, model_config: Any, layer_channels: dict[int, torch.Tensor], label_bits: int, backend: str = "auto"):
+    def __init__(
+        self, model_config: Any, layer_channels: dict[int, torch.Tensor], label_bits: int, backend: str = "auto"
+    ):
         # transformers picks each layer's kind (full, sliding, chunked) from the config; only full
         # attention layers that Double Sparsity serves are swapped for label layers.
         super().__init__(config=model_config)
         for index, channels in layer_channels.items():
             if type(self.layers[index]) is not DynamicLayer:
-                raise ValueError(f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers get labels")
+                raise ValueError(
+                    f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers get labels"
+                )
             self.layers[index] = LabelCacheLayer(channels, label_bits, backend)
 
     def labels(self, layer_idx: int) -> Optional[Labels]:
@@ -114,32 +130,48 @@ class DoubleSparseCache(DynamicCache):
             if hasattr(layer, "memory"):
                 part = layer.memory()
             else:
-                part = {"keys": _nbytes(getattr(layer, "keys", None)), "values": _nbytes(getattr(layer, "values", None))}
+                part = {
+                    "keys": _nbytes(getattr(layer, "keys", None)),
+                    "values": _nbytes(getattr(layer, "values", None)),
+                }
             for name, value in part.items():
                 report[name] += value
         report["total"] = report["keys"] + report["values"] + report["labels"]
         return report
 
 
-class StaticLabelLayer(StaticLayer):
+class StaticLabelLayer(SparseLayer, StaticLayer):
     """A preallocated KV layer that also stores labels, all written in place."""
 
-    def __init__(self, max_cache_len: int, channels: torch.Tensor, label_bits: int, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        max_cache_len: int,
+        channels: torch.Tensor,
+        label_bits: int,
+        backend: str = "auto",
+        scratch: Optional[Scratch] = None,
+    ) -> None:
         super().__init__(max_cache_len=max_cache_len)
         self.channels = channels
         self.label_bits = label_bits
         self.backend = backend
+        self._label_backend: Optional[str] = None
         self.labels: Optional[Labels] = None
+        # Temporaries of the torch decode path, shared by the cache's layers (they run one after another).
+        self.scratch = scratch if scratch is not None else Scratch()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocate keys, values and label buffers for `max_cache_len` tokens."""
         super().lazy_initialization(key_states, value_states)
         self.channels = self.channels.to(self.device)
+        self._label_backend = resolve_backend(self.backend, self.device)  # once, on the buffers' device
         # Shapes and dtypes of one token's labels, taken from the label op itself.
-        sample = make_labels(key_states[:, :, :1], self.channels, self.label_bits, self.backend)
+        sample = make_labels(key_states[:, :, :1], self.channels, self.label_bits, self._label_backend)
         self.labels = Labels(
             *(
-                None if t is None else torch.zeros((*t.shape[:2], self.max_cache_len, *t.shape[3:]), dtype=t.dtype, device=self.device)
+                None
+                if t is None
+                else torch.zeros((*t.shape[:2], self.max_cache_len, *t.shape[3:]), dtype=t.dtype, device=self.device)
                 for t in sample
             )
         )
@@ -154,11 +186,15 @@ class StaticLabelLayer(StaticLayer):
             self.lazy_initialization(key_states, value_states)
         positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        new = make_labels(key_states, self.channels, self.label_bits, self.backend)
+        new = make_labels(key_states, self.channels, self.label_bits, self._label_backend)
         for buffer, part in zip(self.labels, new):
             if buffer is not None:
                 buffer.index_copy_(2, positions, part)
         return keys, values
+
+    def attend(self, call: AttentionCall, plan: LayerPlan) -> tuple[torch.Tensor, None]:
+        """The Double Sparsity step over the preallocated buffers: fixed slots, temporaries from the scratch."""
+        return attend_over_labels(call, plan, self.labels, self.cumulative_length, self.scratch)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch for beam search, in place."""
@@ -195,12 +231,13 @@ class StaticDoubleSparseCache(StaticCache):
         backend: str = "auto",
     ):
         super().__init__(config=model_config, max_cache_len=max_cache_len)
-        # Temporaries of the torch decode path, shared by the layers (they run one after another).
         self.scratch = Scratch()
         for index, channels in layer_channels.items():
             if type(self.layers[index]) is not StaticLayer:
-                raise ValueError(f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers get labels")
-            self.layers[index] = StaticLabelLayer(max_cache_len, channels, label_bits, backend)
+                raise ValueError(
+                    f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers get labels"
+                )
+            self.layers[index] = StaticLabelLayer(max_cache_len, channels, label_bits, backend, self.scratch)
 
     labels = DoubleSparseCache.labels
     memory = DoubleSparseCache.memory

@@ -74,7 +74,9 @@ class ChannelMask:
     def check_rankings(self) -> None:
         """Raise ValueError unless every row is a permutation of range(head_dim)."""
         if self.ranking.dim() != 3:
-            raise ValueError(f"channel ranking must be [layers, heads, head_dim], got shape {tuple(self.ranking.shape)}")
+            raise ValueError(
+                f"channel ranking must be [layers, heads, head_dim], got shape {tuple(self.ranking.shape)}"
+            )
         head_dim = self.ranking.shape[2]
         if self.ranking.numel() and (self.ranking.min() < 0 or self.ranking.max() >= head_dim):
             raise ValueError(
@@ -94,7 +96,9 @@ class ChannelMask:
         """Raise ValueError, saying what to do, unless this mask fits a model with `layout`."""
         again = "calibrate this model (doublesparse calibrate) or pass the mask made for it"
         if self.num_layers != layout.num_layers:
-            raise ValueError(f"channel mask has {self.num_layers} layers but the model has {layout.num_layers}: {again}")
+            raise ValueError(
+                f"channel mask has {self.num_layers} layers but the model has {layout.num_layers}: {again}"
+            )
         if self.head_dim != layout.head_dim:
             raise ValueError(f"channel mask has head_dim {self.head_dim} but the model has {layout.head_dim}: {again}")
         wanted = layout.num_kv_heads if self.per_kv_head else layout.num_heads
@@ -308,7 +312,9 @@ def _save_canonical(tensors: dict[str, torch.Tensor], metadata: dict[str, str], 
     save_file(tensors, path, metadata=metadata)
     data = Path(path).read_bytes()
     size = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header = json.dumps(
+        json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()
     header += b" " * (-len(header) % 8)
     Path(path).write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size :])
 

@@ -14,12 +14,12 @@ import sys
 from typing import Optional, Sequence
 
 SUBCOMMANDS = {
-    "run": "doublesparse.eval.main_job",
-    "eval": "doublesparse.eval.command",
-    "bench": "doublesparse.eval.bench",
+    "run": "doublesparse.eval.commands.main_job",
+    "eval": "doublesparse.eval.commands.evaluate",
+    "bench": "doublesparse.eval.commands.bench",
     "calibrate": "doublesparse.calibration.command",
     "inspect": "doublesparse.calibration.inspect_command",
-    "recall": "doublesparse.eval.recall_command",
+    "recall": "doublesparse.eval.commands.recall",
 }
 
 
@@ -40,7 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the console command."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.command is None:
         parser.print_help()
         return 0

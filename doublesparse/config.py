@@ -120,7 +120,11 @@ class SparsityConfig:
         if self.prefetch and not self.offload:
             _fail("prefetch", self.prefetch, "prefetching copies offloaded K/V: set offload=True too")
         if self.offload and self.simulate:
-            _fail("offload", self.offload, "simulate evaluates prefills teacher-forced on the device: use one or the other")
+            _fail(
+                "offload",
+                self.offload,
+                "simulate evaluates prefills teacher-forced on the device: use one or the other",
+            )
         if self.sync_layers is not None and (
             not isinstance(self.sync_layers, tuple)
             or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.sync_layers)

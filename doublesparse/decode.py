@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from transformers.cache_utils import StaticCache
 
-from .patch import STATE_ATTRIBUTE, make_cache
+from .patch import is_patched, make_cache
 
 
 @dataclass
@@ -30,7 +30,16 @@ class DecodeResult:
 class StaticDecoder:
     """Greedy decoder over a preallocated cache of `max_cache_len` tokens (prompt + new tokens)."""
 
-    def __init__(self, model: torch.nn.Module, max_cache_len: int, *, compile: bool = False, compile_mode: Optional[str] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        max_cache_len: int,
+        *,
+        compile: bool = False,
+        compile_mode: Optional[str] = None,
+        compile_backend: str = "inductor",
+        fullgraph: bool = False,
+    ):
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 2:
             raise ValueError(f"max_cache_len must be an int >= 2, got {max_cache_len!r}")
         self.model = model
@@ -38,11 +47,15 @@ class StaticDecoder:
         self._step: Callable = self._decode_step
         self._cache_position: Optional[torch.Tensor] = None
         if compile:
-            self._step = torch.compile(self._decode_step, mode=compile_mode, dynamic=False)
+            # compile_backend="aot_eager" traces the step as inductor would see it without generating code
+            # (seconds instead of a minute on a CPU); fullgraph=True makes any graph break an error.
+            self._step = torch.compile(
+                self._decode_step, mode=compile_mode, dynamic=False, backend=compile_backend, fullgraph=fullgraph
+            )
 
     def new_cache(self):
         """A fresh preallocated cache: with labels for a patched model, transformers' own otherwise."""
-        if getattr(self.model, STATE_ATTRIBUTE, None) is not None:
+        if is_patched(self.model):
             return make_cache(self.model, self.max_cache_len)
         return StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
 
@@ -58,11 +71,15 @@ class StaticDecoder:
         return out.logits[:, -1]
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], cache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the prompt; return its last logits [B, V] and the full-width mask buffer [B, max_cache_len]."""
         batch, prompt_len = input_ids.shape
         if prompt_len >= self.max_cache_len:
-            raise ValueError(f"the prompt ({prompt_len} tokens) must be shorter than max_cache_len ({self.max_cache_len})")
+            raise ValueError(
+                f"the prompt ({prompt_len} tokens) must be shorter than max_cache_len ({self.max_cache_len})"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = torch.zeros(batch, self.max_cache_len, dtype=attention_mask.dtype, device=input_ids.device)
@@ -79,13 +96,18 @@ class StaticDecoder:
 
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, max_new_tokens: int = 16, keep_logits: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        max_new_tokens: int = 16,
+        keep_logits: bool = False,
     ) -> DecodeResult:
         """Greedy-decode `max_new_tokens` tokens after a (left-padded) prompt."""
         prompt_len = input_ids.shape[1]
         if prompt_len + max_new_tokens > self.max_cache_len:
             raise ValueError(
-                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds max_cache_len ({self.max_cache_len}): "
+                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) "
+                f"exceeds max_cache_len ({self.max_cache_len}): "
                 "build the decoder with a larger max_cache_len"
             )
         cache = self.new_cache()
@@ -94,7 +116,13 @@ class StaticDecoder:
 
     @torch.no_grad()
     def decode(
-        self, cache, mask: torch.Tensor, logits: torch.Tensor, filled: int, max_new_tokens: int, keep_logits: bool = False
+        self,
+        cache,
+        mask: torch.Tensor,
+        logits: torch.Tensor,
+        filled: int,
+        max_new_tokens: int,
+        keep_logits: bool = False,
     ) -> DecodeResult:
         """Greedy steps from a cache holding `filled` positions, `mask` [B, max_cache_len] marking the real ones."""
         positions = mask[:, :filled].long().sum(-1, keepdim=True)
@@ -110,7 +138,9 @@ class StaticDecoder:
         return DecodeResult(torch.cat(tokens, dim=1), torch.stack(kept, dim=1) if keep_logits else None)
 
     @torch.no_grad()
-    def step(self, cache, mask: torch.Tensor, token: torch.Tensor, position: int, position_ids: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, cache, mask: torch.Tensor, token: torch.Tensor, position: int, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         """One decode step writing cache position `position`; returns logits [B, V]."""
         if position >= self.max_cache_len:
             raise ValueError(f"cache position {position} is past max_cache_len ({self.max_cache_len})")

@@ -15,8 +15,12 @@ def versions() -> dict[str, Optional[str]]:
 
     import doublesparse
 
-    found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-             "doublesparse": doublesparse.__version__}
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "doublesparse": doublesparse.__version__,
+    }
     try:
         import triton
 
@@ -30,8 +34,12 @@ def git_commit() -> Optional[str]:
     """The checkout's commit (with -dirty when tracked files changed), or None outside git."""
     root = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("-dirty" if dirty.strip() else "")
@@ -56,5 +64,10 @@ def provenance(device: Any) -> dict[str, Any]:
     """Versions, commit, device name and CPU threads, for a result file."""
     import torch
 
-    return {"versions": versions(), "commit": git_commit(), "device": device_name(device), "device_type": device.type,
-            "cpu_threads": torch.get_num_threads()}
+    return {
+        "versions": versions(),
+        "commit": git_commit(),
+        "device": device_name(device),
+        "device_type": device.type,
+        "cpu_threads": torch.get_num_threads(),
+    }

@@ -57,9 +57,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def concrete_backend(backend: str, device: torch.device) -> str:
+    """`backend` itself when it is already resolved ('torch', 'triton', 'cpu'); 'auto' resolved for `device`.
+
+    The runtime resolves (and validates) the backend once per layer when a model is patched and passes
+    the resolved name to every op, so the ops do not re-check it on each call.
+    """
+    return resolve_backend(backend, device) if backend == "auto" else backend
+
+
 def make_labels(keys: torch.Tensor, channels: torch.Tensor, bits: int, backend: str = "auto") -> Labels:
     """Labels of new keys [B, H_kv, T, d] for label heads with `channels` [H_label, r]."""
-    if resolve_backend(backend, keys.device) == "triton":
+    if concrete_backend(backend, keys.device) == "triton":
         return make_labels_triton(keys, channels, bits)
     return make_labels_reference(keys, channels, bits)
 
@@ -74,7 +83,7 @@ def label_scores(
     scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
     """fp32 approximate scores [B, H_select, L, T] (see label_scores.py; `scratch` serves the torch path)."""
-    resolved = resolve_backend(backend, q_labels.device)
+    resolved = concrete_backend(backend, q_labels.device)
     if resolved == "triton":
         return label_scores_triton(q_labels, labels, bits, scaling, num_select_heads)
     # Native scores exist for 4-bit labels (no float copy of the unpacked nibbles); 8- and 16-bit
@@ -97,7 +106,7 @@ def select_tokens(
     """(indices [B, H, L, K], slot_valid [B, 1, L, K]) (see selection.py; `scratch` holds the temporaries)."""
     # On CUDA the torch ops (topk) serve both backends: fixed shapes and no host synchronisation, so
     # they are capturable in a CUDA graph; the benchmark reports selection time separately.
-    if resolve_backend(backend, scores.device) == "cpu" and scores.shape[-1] < 2**32:
+    if concrete_backend(backend, scores.device) == "cpu" and scores.shape[-1] < 2**32:
         return select_tokens_cpu(scores, valid, budgets, sink_tokens, recent_tokens, max_budget, scratch)
     return select_tokens_reference(scores, valid, budgets, sink_tokens, recent_tokens, max_budget, scratch)
 
@@ -111,14 +120,21 @@ def sparse_attention(
     scaling: float,
     backend: str = "auto",
     scratch: Optional[Scratch] = None,
+    *,
+    sinks: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
-    """Exact attention over the selected tokens: [B, H_q, L, d] (see sparse_attention.py; `scratch` serves the torch path)."""
-    resolved = resolve_backend(backend, query.device)
+    """Exact attention over the selected tokens: [B, H_q, L, d_v] (sparse_attention.py; `scratch`: torch path)."""
+    resolved = concrete_backend(backend, query.device)
     if resolved == "triton":
-        return sparse_attention_triton(query, keys, values, indices, slot_valid, scaling)
-    if resolved == "cpu" and sparse_attention_cpu_supports(query, keys, values, indices):
+        return sparse_attention_triton(query, keys, values, indices, slot_valid, scaling, sinks=sinks, softcap=softcap)
+    # The native kernel says no to what it cannot do (sinks, softcap, value widths of their own): the
+    # reference serves those calls, so backend='cpu' stays exact on every architecture.
+    if resolved == "cpu" and sparse_attention_cpu_supports(query, keys, values, indices, sinks=sinks, softcap=softcap):
         return sparse_attention_cpu(query, keys, values, indices, slot_valid, scaling, scratch)
-    return sparse_attention_reference(query, keys, values, indices, slot_valid, scaling, scratch)
+    return sparse_attention_reference(
+        query, keys, values, indices, slot_valid, scaling, scratch, sinks=sinks, softcap=softcap
+    )
 
 
 def dense_attention(
@@ -128,8 +144,11 @@ def dense_attention(
     scaling: float,
     valid: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    *,
+    sinks: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
-    """Exact attention over every cached key: [B, H_q, L, d] (see dense_attention.py)."""
-    if resolve_backend(backend, query.device) == "triton":
-        return dense_attention_triton(query, keys, values, scaling, valid)
-    return dense_attention_reference(query, keys, values, scaling, valid)
+    """Exact attention over every cached key: [B, H_q, L, d_v] (see dense_attention.py)."""
+    if concrete_backend(backend, query.device) == "triton":
+        return dense_attention_triton(query, keys, values, scaling, valid, sinks=sinks, softcap=softcap)
+    return dense_attention_reference(query, keys, values, scaling, valid, sinks=sinks, softcap=softcap)

@@ -3,7 +3,9 @@
 Store layout (token-major, so appending a token is one contiguous write, asynchronous into pinned
 memory): `store [capacity, B, H_kv, d]`, read through `store.permute(1, 2, 0, 3)`.
 Indices `[B, H_kv, N]` (token positions, on the device) pick N rows per KV head; the output view is
-`[B, H_kv, N, d]` on the device (any strides).
+`[B, H_kv, N, d]` on the device (any strides). Keys and values live in stores of their own, so
+each gathers rows of its own width d (d_k for keys, d_v for values where they differ, as in MLA)
+with the same indices.
 
 On CUDA the Triton kernel reads pinned host memory directly (unified virtual addressing maps
 page-locked memory into the device's address space), so the indices never travel to the host and
@@ -23,8 +25,18 @@ except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 
 
+def _check_shapes(store: torch.Tensor, indices: torch.Tensor, out: torch.Tensor) -> None:
+    capacity, batch, heads, head_dim = store.shape
+    if tuple(indices.shape[:2]) != (batch, heads) or tuple(out.shape) != (*indices.shape, head_dim):
+        raise ValueError(
+            f"indices {tuple(indices.shape)} and out {tuple(out.shape)} do not match a store of {tuple(store.shape)}: "
+            f"indices must be [B={batch}, H={heads}, N] and out [B, H, N, {head_dim}] (the store's own row width)"
+        )
+
+
 def host_gather_reference(store: torch.Tensor, indices: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Torch reference: out[b, h, n] = store[indices[b, h, n], b, h]; returns `out`."""
+    _check_shapes(store, indices, out)
     rows = store.permute(1, 2, 0, 3)
     index = indices.to(store.device, non_blocking=False)
     picked = torch.gather(rows, 2, index[..., None].expand(-1, -1, -1, store.shape[-1]))
@@ -66,8 +78,7 @@ def host_gather_triton(store: torch.Tensor, indices: torch.Tensor, out: torch.Te
     capacity, batch, heads, head_dim = store.shape
     if store.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("host gather needs the last (head_dim) dimension contiguous in the store and the output")
-    if tuple(indices.shape[:2]) != (batch, heads) or tuple(out.shape[:3]) != tuple(indices.shape):
-        raise ValueError(f"indices {tuple(indices.shape)} and out {tuple(out.shape)} do not match a store of {tuple(store.shape)}")
+    _check_shapes(store, indices, out)
     num_rows = indices.shape[2]
     if num_rows == 0:
         return out

@@ -3,7 +3,7 @@
 
 Data that exists wherever Python runs: the standard library's *.py sources, split by a hash of the
 relative path into train / calibration / held-out parts, mixed with synthetic long-context retrieval
-documents (LongEval-style key-value lines and passkey documents from `doublesparse.eval.synthetic`).
+documents (LongEval-style key-value lines and passkey documents from `doublesparse.eval.data.synthetic`).
 A byte-level BPE tokenizer is trained first; the model then trains with a context-length curriculum
 (short first, so the retrieval circuit forms cheaply, then longer). The best checkpoint by a fixed
 validation score is written periodically into the output folder, so an interrupted run still leaves
@@ -35,8 +35,8 @@ from tokenizers import processors
 from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from doublesparse.eval import synthetic
-from doublesparse.eval.bpe import train_byte_level_bpe
+from doublesparse.eval.data import synthetic
+from doublesparse.eval.data.bpe import train_byte_level_bpe
 
 LOGGER = logging.getLogger("train_default_model")
 BOS_TOKEN = "<|endoftext|>"
@@ -583,7 +583,7 @@ fp16 weights loaded back in fp32); `--evaluate-only` with the same arguments re-
 - Python {sys.version.split()[0]} standard library sources (`sysconfig.get_paths()["stdlib"]`, `*.py`, sorted,
   site-packages excluded), split by sha256 of the relative path: buckets 0-89 train, 90-94 calibration,
   95-99 held-out. `calibration.txt` and `heldout.txt` here are whole files of those splits (< 1 MB each).
-- Synthetic retrieval documents from `doublesparse.eval.synthetic` (training seed {args.seed}; validation and
+- Synthetic retrieval documents from `doublesparse.eval.data.synthetic` (training seed {args.seed}; validation and
   the figures below use other seeds): LongEval-style lines `line <word-word>: REGISTER_CONTENT is <number>`
   followed by questions (up to {args.max_questions} per training document), and passkey documents.
 - Copy documents (a stdlib span, then the same span again), which form induction heads cheaply.

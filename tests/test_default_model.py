@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from doublesparse.default_model import default_model_path, load_default_model
-from doublesparse.eval import synthetic
+from doublesparse.eval.data import synthetic
 
 # Never used by training (seed 0 + offsets) nor by its validation or final evaluation.
 TEST_SEED = 424_242

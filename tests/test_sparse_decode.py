@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import doublesparse as ds
-from doublesparse.attention import PLAN_ATTRIBUTE, LayerPlan, double_sparse_attention
+from doublesparse.attention import PLAN_ATTRIBUTE, double_sparse_attention
+from doublesparse.plan import LayerPlan
 from doublesparse.kernels.selection import select_tokens_reference
 from tiny_models import left_padded_batch, random_channel_mask, tiny_model
 

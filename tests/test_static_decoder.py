@@ -31,12 +31,16 @@ def test_static_decoder_matches_eager_generate(patched):
     assert (result.logits - logits).abs().max() <= 1e-4
 
 
-def test_compiled_static_decoder_matches_eager():
+# aot_eager traces the step exactly as inductor receives it (graph breaks included) in seconds; the
+# inductor build itself takes about half a minute on two cores, so it runs with the slow tests.
+@pytest.mark.parametrize("compile_backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_static_decoder_matches_eager(compile_backend):
     model = tiny_model("qwen3", num_layers=1)
     input_ids, attention_mask = left_padded_batch([9, 6], seed=10)
     ds.apply(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=3, label_bits=8, recent_tokens=1))
     eager = StaticDecoder(model, max_cache_len=16).generate(input_ids, attention_mask, 4, keep_logits=True)
-    compiled = StaticDecoder(model, max_cache_len=16, compile=True).generate(input_ids, attention_mask, 4, keep_logits=True)
+    decoder = StaticDecoder(model, max_cache_len=16, compile=True, compile_backend=compile_backend)
+    compiled = decoder.generate(input_ids, attention_mask, 4, keep_logits=True)
     assert torch.equal(compiled.tokens, eager.tokens)
     assert (compiled.logits - eager.logits).abs().max() <= 1e-4
 

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import Task
+from .base import Task
 
 LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 LM_EVAL_MODEL_NAME = "doublesparse"

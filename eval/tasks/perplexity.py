@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import Task
+from .base import Task
 
 
 def load_text(source: Optional[str]) -> tuple[str, str]:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import Task
+from .base import Task
 
 
 class RetrievalTask(Task):
@@ -43,7 +43,7 @@ class RetrievalTask(Task):
 
     def texts(self, tokenizer, seed: int) -> list[tuple[str, str]]:
         """(prompt, answer) texts from `seed`."""
-        from doublesparse.eval import synthetic
+        from ..data import synthetic
 
         return synthetic.retrieval_prompts(self.synthetic_task, tokenizer, self.context_length, self.num_samples, seed)
 
@@ -91,7 +91,7 @@ class KVRetrievalTask(RetrievalTask):
     def texts(self, tokenizer, seed: int) -> list[tuple[str, str]]:
         if self.num_lines is None:
             return super().texts(tokenizer, seed)
-        from doublesparse.eval import synthetic
+        from ..data import synthetic
 
         rng = random.Random(seed)
         return [synthetic.kv_retrieval_prompt(rng, self.num_lines) for _ in range(self.num_samples)]

@@ -1,0 +1,226 @@
+"""`doublesparse bench decode`: end-to-end decode speed, dense against Double Sparsity, at model shapes.
+
+For each context length and batch size it builds the model at real shapes with random weights (no
+download; speed does not depend on weight values), fills a preallocated cache with `context` tokens,
+and times greedy decode steps of the same `StaticDecoder` loop twice: unpatched (transformers'
+StaticCache, dense SDPA) and patched with Double Sparsity (StaticDoubleSparseCache). The cache is
+filled either by a real prefill (`--prefill model`) or, by default, by writing random keys and
+values of the model's shape straight into it (`--prefill synthetic`), which makes long contexts
+affordable on a CPU; labels are computed from those keys exactly as at decode time.
+Reported: ms per step and tokens/s (medians over the timed steps), cache memory, peak device memory
+on CUDA, and the Double Sparsity / dense speed ratio; JSON with every setting, and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from doublesparse.kernels.dispatch import BACKENDS
+
+from ..harness.budgets import parse_budget
+from ..models import presets
+from .common import (
+    cache_kv_bytes, parse_contexts, positive_ints, pyplot, random_channel_mask, resolve_device, save_figure,
+    set_threads, synchronizer, write_report,
+)
+
+HELP = "time end-to-end decode steps, dense vs Double Sparsity, on models built at real shapes (JSON, plot)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the decode benchmark."""
+    add = parser.add_argument
+    add("--config", default=None, choices=sorted(presets.PRESETS),
+        help="model shape (default: llama-3.1-8b on CUDA, llama-8l-cpu on CPU)")
+    add("--context", default=None,
+        help="comma-separated cached lengths, K = 1024 (default: 8K,32K,128K on CUDA, 32K on CPU)")
+    add("--batch", default=None, help="comma-separated batch sizes (default: 1,8 on CUDA, 1 on CPU)")
+    add("--budget", default="1/16", help="token budget fraction (default: 1/16)")
+    add("--channels", type=int, default=16, help="label channels r (default: 16)")
+    add("--label-bits", type=int, default=4, choices=(16, 8, 4), help="label width (default: 4)")
+    add("--selection", default="group", choices=("group", "head"), help="selection per KV group or per query head")
+    add("--steps", type=int, default=8, help="timed decode steps per method (default: 8)")
+    add("--warmup", type=int, default=2, help="untimed decode steps first (default: 2)")
+    add("--prefill", default="synthetic", choices=("synthetic", "model"),
+        help="how the cache is filled (default: synthetic)")
+    add("--dtype", choices=("float32", "float16", "bfloat16"),
+        help="weights and cache dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    add("--device", help="cpu or cuda (default: cuda when available)")
+    add("--backend", default="auto", choices=BACKENDS, help="kernel backend (default: auto)")
+    add("--compile", action="store_true",
+        help="torch.compile the decode step (CUDA graphs with --compile-mode reduce-overhead)")
+    add("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
+    add("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add("--seed", type=int, default=0, help="seed of weights, caches and channels")
+    add("--out-dir", default="./results/bench-decode", help="folder for bench_decode.json and .png")
+    add("--no-plot", action="store_true", help="skip the plot")
+    add("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def fill_cache(model: Any, decoder: Any, cache: Any, batch: int, context: int, prefill: str, seed: int) -> Any:
+    """Put `context` tokens in `cache`; return the last logits [B, V] and the mask buffer."""
+    import torch
+
+    from doublesparse import HeadLayout
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if prefill == "model":
+        ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=generator).to(device)
+        return decoder.prefill(ids, torch.ones_like(ids), cache)
+    layout = HeadLayout.from_config(model.config)
+    dtype = next(model.parameters()).dtype
+    chunk = 4096
+    for layer_idx in range(layout.num_layers):
+        for start in range(0, context, chunk):
+            span = min(chunk, context - start)
+            shape = (2, batch, layout.num_kv_heads, span, layout.head_dim)
+            keys, values = torch.randn(shape, generator=generator).to(device, dtype)
+            cache.update(keys, values, layer_idx)
+    mask = torch.zeros(batch, decoder.max_cache_len, dtype=torch.long, device=device)
+    mask[:, :context] = 1
+    logits = torch.randn(batch, model.config.vocab_size, generator=generator).to(device)
+    return logits, mask
+
+
+def time_steps(
+    decoder: Any, cache: Any, mask: Any, logits: Any, context: int, steps: int, warmup: int,
+    synchronize: Callable[[], None],
+) -> list[float]:
+    """Seconds of each timed decode step (after `warmup` untimed ones)."""
+    positions = mask[:, :context].long().sum(-1, keepdim=True)
+    timings = []
+    for step in range(warmup + steps):
+        token = logits.argmax(-1, keepdim=True)
+        synchronize()
+        start = time.perf_counter()
+        logits = decoder.step(cache, mask, token, context + step, positions + step)
+        synchronize()
+        if step >= warmup:
+            timings.append(time.perf_counter() - start)
+    return timings
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark, print the table, write JSON and the plot."""
+    import torch
+    from tqdm import tqdm
+
+    import doublesparse as ds
+    from doublesparse.decode import StaticDecoder
+    from doublesparse.provenance import provenance
+
+    device = resolve_device(args.device)
+    preset = args.config or ("llama-3.1-8b" if device.type == "cuda" else "llama-8l-cpu")
+    contexts = parse_contexts(args.context or ("8K,32K,128K" if device.type == "cuda" else "32K"), "--context")
+    batches = positive_ints(args.batch or ("1,8" if device.type == "cuda" else "1"), "--batch")
+    budget = parse_budget(args.budget, "--budget")
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    set_threads(args.threads)
+    config = ds.SparsityConfig(num_channels=args.channels, token_budget=float(budget), label_bits=args.label_bits,
+                               selection=args.selection, backend=args.backend)
+    synchronize = synchronizer(device)
+
+    model = presets.build_model(preset, dtype, device, args.seed)
+    layout = ds.HeadLayout.from_config(model.config)
+    config.check_model(layout.num_layers, layout.head_dim)
+    mask = random_channel_mask(layout, args.seed)
+
+    rows = []
+    cases = [(context, batch) for context in contexts for batch in batches]
+    progress = tqdm(total=2 * len(cases), desc="bench decode", disable=args.no_progress)
+    for context, batch in cases:
+        max_len = context + args.warmup + args.steps + 2
+        measured = {}
+        for method in ("dense", "double_sparsity"):
+            if method == "double_sparsity":
+                ds.apply(model, mask, config)
+            try:
+                decoder = StaticDecoder(model, max_len, compile=args.compile, compile_mode=args.compile_mode)
+                cache = decoder.new_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                logits, buffer = fill_cache(model, decoder, cache, batch, context, args.prefill, args.seed)
+                seconds = time_steps(decoder, cache, buffer, logits, context, args.steps, args.warmup, synchronize)
+                memory = cache.memory() if hasattr(cache, "memory") else _static_cache_bytes(cache)
+                peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            finally:
+                if method == "double_sparsity":
+                    ds.remove(model)
+            del cache, decoder
+            step = statistics.median(seconds)
+            measured[method] = step
+            rows.append({"context": context, "batch": batch, "method": method, "ms_per_step": 1e3 * step,
+                         "tokens_per_s": batch / step, "step_seconds": seconds, "cache_bytes": memory,
+                         "peak_device_bytes": peak})
+            progress.update(1)
+        rows[-1]["speedup_vs_dense"] = measured["dense"] / measured["double_sparsity"]
+    progress.close()
+
+    report = {
+        "benchmark": "decode",
+        "settings": {"config": preset, "model_shape": presets.PRESETS[preset][1], "contexts": contexts,
+                     "batches": batches, "budget": str(budget), "sparsity_config": config.to_dict(),
+                     "steps": args.steps, "warmup": args.warmup, "prefill": args.prefill,
+                     "dtype": str(dtype).replace("torch.", ""), "compile": args.compile,
+                     "compile_mode": args.compile_mode, "seed": args.seed},
+        **provenance(device),
+        "rows": rows,
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_report(report, out_dir / "bench_decode.json")
+    print(format_table(report))
+    if not args.no_plot:
+        plot(report, out_dir / "bench_decode.png")
+    print(f"wrote {out_dir / 'bench_decode.json'}")
+    return 0
+
+
+def _static_cache_bytes(cache: Any) -> dict[str, int]:
+    keys, values = cache_kv_bytes(cache)
+    return {"keys": keys, "values": values, "labels": 0, "total": keys + values}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The results as a fixed-width table."""
+    settings = report["settings"]
+    lines = [
+        f"decode benchmark: {settings['config']}, {settings['dtype']}, budget {settings['budget']}, "
+        f"r={settings['sparsity_config']['num_channels']}, {settings['sparsity_config']['label_bits']}-bit labels, "
+        f"prefill {settings['prefill']}, device {report['device']}",
+        f"{'context':>8} {'batch':>5} {'method':<16} {'ms/step':>9} {'tokens/s':>9} {'cache MB':>9} {'speed-up':>8}",
+    ]
+    for row in report["rows"]:
+        speedup = f"{row['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in row else ""
+        lines.append(
+            f"{row['context']:>8} {row['batch']:>5} {row['method']:<16} {row['ms_per_step']:>9.2f} "
+            f"{row['tokens_per_s']:>9.2f} {row['cache_bytes']['total'] / 2**20:>9.1f} {speedup:>8}"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Tokens/s against context, one line per method and batch size."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for batch in report["settings"]["batches"]:
+        for method in ("dense", "double_sparsity"):
+            points = [(r["context"], r["tokens_per_s"]) for r in report["rows"]
+                      if r["batch"] == batch and r["method"] == method]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=f"{method}, batch {batch}")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("context (tokens)")
+    axis.set_ylabel("tokens/s")
+    settings = report["settings"]
+    axis.set_title(f"decode speed, {settings['config']}, budget {settings['budget']} ({report['device_type']})")
+    axis.legend()
+    save_figure(figure, path)

@@ -1,0 +1,37 @@
+"""The registry of evaluated methods: name -> factory, so tests and commands can loop over all of them."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .base import Method
+from .baselines import DenseMethod, H2OMethod, OracleTopKMethod, QuestMethod, SparQMethod, StreamingLLMMethod
+from .double_sparsity import DoubleSparsityMethod, RandomChannelsMethod
+
+
+def method_registry() -> dict[str, Callable[[], Method]]:
+    """Method name -> factory of a method with default options."""
+    return {
+        "dense": DenseMethod,
+        "double_sparsity": DoubleSparsityMethod,
+        "oracle_topk": OracleTopKMethod,
+        "random_channels": RandomChannelsMethod,
+        "streaming_llm": StreamingLLMMethod,
+        "h2o": H2OMethod,
+        "quest": QuestMethod,
+        "sparq": SparQMethod,
+    }
+
+
+METHOD_NAMES = tuple(method_registry())
+
+
+def make_method(name: str, **options: Any) -> Method:
+    """A method by registry name; ValueError naming the known ones otherwise."""
+    registry = method_registry()
+    if name not in registry:
+        raise ValueError(f"unknown method {name!r}; known methods are {', '.join(registry)}")
+    try:
+        return registry[name](**options)
+    except TypeError as error:
+        raise ValueError(f"bad options {options} for method {name!r}: {error}") from error
