@@ -7,8 +7,9 @@
  * selected rows where they lie. Semantics are the
  * references' exactly (see their docstrings); only the order of the selected slots differs.
  *
- * Built at first use by native.py (cc -O3 -march=native -fopenmp) and called through ctypes, which
- * releases the GIL; each entry point splits its rows over `num_threads` threads (below).
+ * Built at first use by native.py (cc -O3 -march=native -fopenmp, linked to the OpenMP runtime torch
+ * has loaded) and called through ctypes, which releases the GIL; each entry point splits its rows
+ * over `num_threads` threads (below).
  */
 
 #include <math.h>
@@ -18,19 +19,109 @@
 #include <stdint.h>
 #include <string.h>
 
-#define ABI_VERSION 1
+#define ABI_VERSION 2
 
 /* Tokens scored per tile (their dot products stay in L1). */
 #define TILE 128
 /* Tokens per work item, so one long row still spreads over every thread. */
 #define CHUNK 4096
 
+/* ------------------------------------------------------------------------------------------------
+ * Half precision (label scales and offsets, fp16 K/V rows). Compilers that have _Float16 (GCC >= 12
+ * on x86, most ARM and clang targets: they define __FLT16_MAX__) convert it natively; older ones
+ * read the same bits as uint16_t and widen them with F16C where the target has it, else in
+ * software. Every path widens exactly, so the results are the same bit for bit (tested by forcing
+ * each one with the -D macros below). */
+#if defined(__FLT16_MAX__) && !defined(DOUBLESPARSE_NO_FLOAT16)
+typedef _Float16 half_t;
+#define HALF_TO_FLOAT(h) ((float)(h))
+#define HALF_CONVERSION 0
+#elif defined(__F16C__) && !defined(DOUBLESPARSE_NO_F16C)
+#include <immintrin.h>
+typedef uint16_t half_t;
+#define HALF_TO_FLOAT(h) _cvtsh_ss(h)
+#define HALF_CONVERSION 1
+#else
+typedef uint16_t half_t;
+#define HALF_TO_FLOAT(h) half_bits_to_float(h)
+#define HALF_CONVERSION 2
+#endif
+
+static inline float half_bits_to_float(uint16_t half) {
+    const uint32_t sign = (uint32_t)(half & 0x8000u) << 16;
+    uint32_t exponent = (half >> 10) & 0x1Fu, mantissa = half & 0x3FFu, bits;
+    if (exponent == 0x1F) { /* inf, or NaN made quiet as the hardware conversions make it */
+        bits = sign | 0x7F800000u | (mantissa << 13) | (mantissa ? 0x00400000u : 0u);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else { /* subnormal: shift its leading one up to the implicit bit */
+        exponent = 113;
+        while (!(mantissa & 0x400u)) {
+            mantissa <<= 1;
+            exponent--;
+        }
+        bits = sign | (exponent << 23) | ((mantissa & 0x3FFu) << 13);
+    }
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Identity and limits, read by native.py before any kernel runs: the build key (passed as
+ * -DDOUBLESPARSE_BUILD_KEY) proves the loaded file is the library built for this machine and these
+ * flags, not another one under its name; the limits are the sizes of the fixed buffers below, so
+ * Python never repeats them by hand. */
+#ifndef DOUBLESPARSE_BUILD_KEY
+#define DOUBLESPARSE_BUILD_KEY "unkeyed"
+#endif
+#define MAX_GROUP_HEADS 64     /* query heads per selection head in sparse attention (`top`) */
+#define MAX_ACCUMULATOR 16384  /* G * d floats of outputs per item (`acc`) */
+#define MAX_HEAD_DIM 1024      /* one widened K/V row (`row`) */
+#define MAX_SELECT_TOKENS 4294967295LL /* selection keeps positions as uint32 */
+
+typedef struct {
+    int64_t struct_size; /* sizeof this struct: the reader checks it reads what was written */
+    int64_t abi_version;
+    int64_t max_group_heads;
+    int64_t max_group_accumulator;
+    int64_t max_head_dim;
+    int64_t max_select_tokens;
+    int64_t half_conversion; /* 0: _Float16, 1: F16C, 2: software */
+    int64_t openmp;          /* the _OPENMP version the library was built with, 0 without OpenMP */
+} doublesparse_info_t;
+
 int doublesparse_abi_version(void) { return ABI_VERSION; }
+
+const char *doublesparse_build_key(void) { return DOUBLESPARSE_BUILD_KEY; }
+
+void doublesparse_info(doublesparse_info_t *info) {
+    info->struct_size = (int64_t)sizeof *info;
+    info->abi_version = ABI_VERSION;
+    info->max_group_heads = MAX_GROUP_HEADS;
+    info->max_group_accumulator = MAX_ACCUMULATOR;
+    info->max_head_dim = MAX_HEAD_DIM;
+    info->max_select_tokens = MAX_SELECT_TOKENS;
+    info->half_conversion = HALF_CONVERSION;
+#ifdef _OPENMP
+    info->openmp = _OPENMP;
+#else
+    info->openmp = 0;
+#endif
+}
+
+/* Widens n halves the way the kernels do (for tests of the conversion paths). */
+void doublesparse_halves_to_floats(const uint16_t *halves, float *out, int64_t n) {
+    const half_t *typed = (const half_t *)halves;
+    for (int64_t i = 0; i < n; i++) out[i] = HALF_TO_FLOAT(typed[i]);
+}
 
 /* ------------------------------------------------------------------------------------------------
  * Threads: items [0, n) split into contiguous ranges, one per thread. OpenMP, because torch's CPU
- * ops run on OpenMP too: this library links the libgomp torch has already loaded, so both share one
- * thread pool. Threads of a separate pool would compete with torch's workers, which keep spinning
+ * ops run on OpenMP too: native.py links this library to the very runtime file torch has loaded, so
+ * both share one thread pool. Threads of a separate pool would compete with torch's workers, which keep spinning
  * for a while after each torch op (measured: no gain from a second pthread on 2 cores). */
 
 typedef void (*range_fn)(void *args, int64_t begin, int64_t end, int thread);
@@ -62,8 +153,8 @@ typedef struct {
     const float *q;           /* [B, H_q, L, r], contiguous */
     const uint8_t *codes;     /* [B, H_label, T, r / 2] packed nibbles, last dim contiguous */
     int64_t code_stride_b, code_stride_h, code_stride_t;
-    const _Float16 *scale;    /* [B, H_label, T] (strides below; t contiguous) */
-    const _Float16 *offset;
+    const half_t *scale;      /* [B, H_label, T] (strides below; t contiguous) */
+    const half_t *offset;
     int64_t stat_stride_b, stat_stride_h;
     float *out;               /* [B, H_select, L, T], contiguous */
     int64_t batch, q_heads, label_heads, select_heads, rows, tokens, channels;
@@ -115,7 +206,7 @@ static void score_range(void *p, int64_t begin, int64_t end, int thread) {
     const int64_t per_select = a->q_heads / a->select_heads;
     const int use_tables = r / 2 <= MAX_TABLE_LANES;
     float tables[MAX_TABLE_LANES * 256];
-    float dot[TILE];
+    float dot[TILE], scale[TILE], offset[TILE];
     for (int64_t item = begin; item < end; item++) {
         const int64_t chunk = item % chunks;
         const int64_t row = item / chunks; /* (b, s, l) */
@@ -135,8 +226,15 @@ static void score_range(void *p, int64_t begin, int64_t end, int thread) {
             for (int64_t t0 = chunk * CHUNK; t0 < t_end; t0 += TILE) {
                 const int64_t n = t_end - t0 < TILE ? t_end - t0 : TILE;
                 dot_tokens(a, q, use_tables ? tables : NULL, codes + t0 * a->code_stride_t, n, dot);
-                const _Float16 *scale = a->scale + stats + t0, *offset = a->offset + stats + t0;
-                for (int64_t t = 0; t < n; t++) dot[t] = (float)scale[t] * dot[t] + (float)offset[t] * q_sum;
+                /* Widened in a pass of their own: the arithmetic after it is then the same code whichever
+                 * way halves widen (fused into it, a software widening changed how the compiler contracted
+                 * the multiply-adds, and the scores by an ulp). */
+                const half_t *scale_half = a->scale + stats + t0, *offset_half = a->offset + stats + t0;
+                for (int64_t t = 0; t < n; t++) {
+                    scale[t] = HALF_TO_FLOAT(scale_half[t]);
+                    offset[t] = HALF_TO_FLOAT(offset_half[t]);
+                }
+                for (int64_t t = 0; t < n; t++) dot[t] = scale[t] * dot[t] + offset[t] * q_sum;
                 float *best = out + t0;
                 if (h == s * per_select) {
                     for (int64_t t = 0; t < n; t++) best[t] = dot[t] * a->scaling;
@@ -153,7 +251,7 @@ static void score_range(void *p, int64_t begin, int64_t end, int thread) {
 
 void doublesparse_label_scores(
     const float *q, const uint8_t *codes, int64_t code_stride_b, int64_t code_stride_h, int64_t code_stride_t,
-    const _Float16 *scale, const _Float16 *offset, int64_t stat_stride_b, int64_t stat_stride_h, float *out,
+    const half_t *scale, const half_t *offset, int64_t stat_stride_b, int64_t stat_stride_h, float *out,
     int64_t batch, int64_t q_heads, int64_t label_heads, int64_t select_heads, int64_t rows, int64_t tokens,
     int64_t channels, float scaling, int num_threads) {
     score_args a = {q, codes, code_stride_b, code_stride_h, code_stride_t, scale, offset, stat_stride_b, stat_stride_h,
@@ -310,7 +408,6 @@ void doublesparse_select_tokens(
  * No gathered copy of the rows is made: they are read in place, the next ones prefetched. */
 
 enum { ROWS_F32 = 32, ROWS_F16 = 16, ROWS_BF16 = 17 };
-#define MAX_ACCUMULATOR 16384 /* G * d floats of outputs per item */
 #define PREFETCH_AHEAD 8
 
 /* Random rows defeat the hardware prefetcher: ask for every cache line of a row some rows ahead. */
@@ -336,8 +433,8 @@ static inline void load_row(const attend_args *a, const uint8_t *base, int64_t n
     if (a->kind == ROWS_F32) {
         memcpy(row, base, (size_t)n * sizeof(float));
     } else if (a->kind == ROWS_F16) {
-        const _Float16 *half = (const _Float16 *)base;
-        for (int64_t j = 0; j < n; j++) row[j] = (float)half[j];
+        const half_t *half = (const half_t *)base;
+        for (int64_t j = 0; j < n; j++) row[j] = HALF_TO_FLOAT(half[j]);
     } else {
         const uint16_t *bf = (const uint16_t *)base;
         for (int64_t j = 0; j < n; j++) row[j] = bf16_to_float(bf[j]);
@@ -366,7 +463,7 @@ static void attend_range(void *p, int64_t begin, int64_t end, int thread) {
     const int64_t per_kv = a->select_heads / a->kv_heads;
     const int64_t elem = a->kind == ROWS_F32 ? 4 : 2;
     float acc[MAX_ACCUMULATOR];
-    float row[1024];
+    float row[MAX_HEAD_DIM];
     for (int64_t item = begin; item < end; item++) { /* (b, s, l) */
         const int64_t l = item % a->rows;
         const int64_t s = (item / a->rows) % a->select_heads;
@@ -381,7 +478,7 @@ static void attend_range(void *p, int64_t begin, int64_t end, int thread) {
         const float *q0 = a->q + ((b * a->q_heads + s * per_select) * a->rows + l) * d;
         const int64_t q_head_stride = a->rows * d;
 
-        float top[64];
+        float top[MAX_GROUP_HEADS];
         for (int64_t g = 0; g < per_select; g++) top[g] = -INFINITY;
         int64_t kept = 0;
         for (int64_t k = 0; k < K; k++) {
@@ -433,4 +530,86 @@ void doublesparse_sparse_attention(
                      valid_stride_s, valid_stride_l, valid_stride_k, weights, out, batch, q_heads, kv_heads,
                      select_heads, rows, slots, head_dim, kind, scaling};
     parallel_for(attend_range, &a, batch * select_heads * rows, num_threads);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Self test: every entry point once on a tiny problem whose results are exact in fp32, over two
+ * threads. native.py runs it in a child process right after a build, so a library that the compiler
+ * targeted at instructions this CPU lacks dies there (SIGILL), never in the process that loads it.
+ * Returns 0, or a bit per failed check. */
+
+int doublesparse_self_test(void) {
+    int failures = 0;
+    /* Label scores: 2 rows (query heads, one label head each), 3 tokens of 4 channels (2 bytes). */
+    const float q[2][4] = {{1, 2, 3, 4}, {-1, 0, 2, 1}};
+    const uint8_t codes[2][3][2] = {
+        {{0x21, 0x43}, {0x00, 0xFF}, {0x5A, 0x0C}},
+        {{0x10, 0x01}, {0x77, 0x20}, {0xF0, 0x0F}},
+    };
+    const uint16_t scale_bits[2][3] = {{0x3800, 0x3C00, 0x4000}, {0x3800, 0x3800, 0x3C00}}; /* 0.5, 1, 2 */
+    const uint16_t offset_bits[2][3] = {{0xBC00, 0x0000, 0x3C00}, {0x4000, 0xBC00, 0x0000}}; /* -1, 0, 1, 2 */
+    half_t scale[2][3], offset[2][3]; /* copied, not cast: the kernel reads them as half_t */
+    memcpy(scale, scale_bits, sizeof scale);
+    memcpy(offset, offset_bits, sizeof offset);
+    float scores[2][3];
+    doublesparse_label_scores(&q[0][0], &codes[0][0][0], 6, 6, 2, &scale[0][0], &offset[0][0], 3, 3, &scores[0][0],
+                              1, 2, 2, 2, 1, 3, 4, 0.5f, 2);
+    for (int h = 0; h < 2; h++)
+        for (int t = 0; t < 3; t++) {
+            float dot = 0.0f, q_sum = 0.0f;
+            for (int c = 0; c < 4; c++) {
+                const int code = c % 2 ? codes[h][t][c / 2] >> 4 : codes[h][t][c / 2] & 0x0F;
+                dot += q[h][c] * (float)code;
+                q_sum += q[h][c];
+            }
+            const float widened_scale = half_bits_to_float(scale_bits[h][t]);
+            const float expected = 0.5f * (widened_scale * dot + half_bits_to_float(offset_bits[h][t]) * q_sum);
+            if (scores[h][t] != expected) failures |= 1;
+        }
+    /* Selection: 2 rows of 6 tokens, budget 3 with the newest token forced: the two best others. */
+    const float select_scores[2][6] = {{5, 1, 9, 3, 7, 0}, {-2, 8, 8, -1, 4, 6}};
+    const uint8_t valid[6] = {1, 1, 1, 1, 1, 1};
+    const int64_t budgets[2] = {3, 3};
+    int64_t picked[2][4];
+    uint32_t workspace[2 * 2 * 6];
+    doublesparse_select_tokens(&select_scores[0][0], valid, 0, 0, 1, budgets, &picked[0][0], workspace,
+                               1, 2, 1, 6, 4, 0, 1, 2);
+    const int64_t expected_sets[2][3] = {{2, 4, 5}, {1, 2, 5}};
+    for (int row = 0; row < 2; row++) {
+        int found = 0;
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 3; j++) found += picked[row][i] == expected_sets[row][j];
+        if (found != 3) failures |= 2;
+    }
+    /* Sparse attention, per row kind: 2 query heads, 2 KV heads, d = 4. One buffer serves as keys and
+     * values, and each head's two selected keys tie, so each output is the mean of two value rows. */
+    const float rows32[4][4] = {{1, 2, 3, 4}, {1, 2, 3, 4}, {2, 0, -2, 6}, {0, 4, 4, 0}};
+    const float queries[2][4] = {{1, 0, 0, 0}, {0, 0, 1, 1}};
+    const int64_t indices[2][2] = {{0, 1}, {0, 1}};
+    const uint8_t keep[2] = {1, 1};
+    const int kinds[3] = {ROWS_F32, ROWS_F16, ROWS_BF16};
+    for (int k = 0; k < 3; k++) {
+        uint16_t rows16[4][4];
+        half_t rows_half[4][4];
+        for (int i = 0; i < 16; i++) {
+            const float value = (&rows32[0][0])[i];
+            uint32_t bits;
+            memcpy(&bits, &value, sizeof bits);
+            /* exact in both: small integers. fp16 re-biases the exponent, bf16 keeps the top half. */
+            const uint32_t sign = (bits >> 16) & 0x8000, exponent = ((bits >> 23) & 0xFF) - 112;
+            const uint16_t half = value == 0.0f ? 0 : (uint16_t)(sign | (exponent << 10) | ((bits >> 13) & 0x3FF));
+            (&rows16[0][0])[i] = kinds[k] == ROWS_BF16 ? (uint16_t)(bits >> 16) : half;
+        }
+        memcpy(rows_half, rows16, sizeof rows_half);
+        const uint8_t *keys = (const uint8_t *)&rows32[0][0];
+        if (kinds[k] == ROWS_F16) keys = (const uint8_t *)&rows_half[0][0];
+        if (kinds[k] == ROWS_BF16) keys = (const uint8_t *)&rows16[0][0];
+        float weights[2][2], out[2][4];
+        doublesparse_sparse_attention(&queries[0][0], keys, keys, 0, 8, 4, &indices[0][0], keep, 0, 0, 0, 1,
+                                      &weights[0][0], &out[0][0], 1, 2, 2, 2, 1, 2, 4, kinds[k], 1.0f, 2);
+        for (int h = 0; h < 2; h++)
+            for (int j = 0; j < 4; j++)
+                if (out[h][j] != 0.5f * (rows32[2 * h][j] + rows32[2 * h + 1][j])) failures |= 4 << k;
+    }
+    return failures;
 }

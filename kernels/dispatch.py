@@ -18,7 +18,7 @@ import torch
 from .dense_attention import dense_attention_reference, dense_attention_triton
 from .label_append import Labels, make_labels_reference, make_labels_triton
 from .label_scores import label_scores_cpu, label_scores_reference, label_scores_triton
-from .native import native_available, require_library
+from .native import native_available, require_native
 from .scratch import Scratch
 from .selection import select_tokens_cpu, select_tokens_reference
 from .sparse_attention import sparse_attention_cpu, sparse_attention_cpu_supports, sparse_attention_reference, sparse_attention_triton
@@ -46,7 +46,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' runs on CPU tensors, got {device.type}; use backend='auto' or 'triton'")
-        require_library()
+        require_native()
     if backend == "triton" and not triton_available():
         raise ValueError("backend='triton' needs triton installed; use backend='torch' or 'auto'")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -244,9 +244,9 @@ def label_scores_cpu(
     scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
     """Native CPU scores of 4-bit labels (cpu_decode.c): same result as `label_scores_reference`, no unpacked copy."""
-    from .native import require_library  # the library is built on first use, not at import
+    from . import native, native_ops  # native_ops registers the ops; the library is built at first use
 
-    lib = require_library()
+    native.require_native()
     if bits != 4:
         raise ValueError(f"native label scores take 4-bit labels, got {bits}-bit ones; 8- and 16-bit labels run label_scores_reference")
     batch, num_q_heads, rows, num_channels = q_labels.shape
@@ -257,18 +257,9 @@ def label_scores_cpu(
     if codes.dtype != torch.uint8 or codes.device.type != "cpu" or q_labels.device.type != "cpu":
         raise ValueError(f"native label scores take uint8 codes on the CPU, got {codes.dtype} on {codes.device}")
     _code_width(codes, bits, num_channels)
+    if torch.compiler.is_compiling():  # one graph node; eager skips the dispatcher (see native_ops.py)
+        op = torch.ops.doublesparse.label_scores_int4
+        return op(q_labels, codes, labels.scale, labels.offset, heads, float(scaling))
     scores = scratch_or_new(scratch, "scores_native", (batch, heads, rows, num_tokens), torch.float32, codes.device)
-    if scores.numel() == 0:
-        return scores
-    queries = q_labels.float().contiguous()
-    if codes.stride(3) != 1:
-        codes = codes.contiguous()
-    scale, offset = labels.scale, labels.offset
-    if scale.stride() != offset.stride() or scale.stride(2) != 1 or scale.dtype != torch.float16 or offset.dtype != torch.float16:
-        scale, offset = scale.half().contiguous(), offset.half().contiguous()
-    lib.doublesparse_label_scores(
-        queries.data_ptr(), codes.data_ptr(), *codes.stride()[:3], scale.data_ptr(), offset.data_ptr(), *scale.stride()[:2],
-        scores.data_ptr(), batch, num_q_heads, num_label_heads, heads, rows, num_tokens, num_channels,
-        float(scaling), torch.get_num_threads(),
-    )
+    native_ops.label_scores_into(q_labels, codes, labels.scale, labels.offset, scaling, scores)
     return scores

@@ -90,27 +90,25 @@ def select_tokens_cpu(
     Slots [0, budget) of a row hold the same tokens as the reference's, forced tokens first and the
     rest in no particular order; the invalid slots repeat slot 0.
     """
-    from .native import require_library  # the library is built on first use, not at import
+    from . import native, native_ops  # native_ops registers the ops; the library is built at first use
 
-    lib = require_library()
+    native.require_native()
     batch, heads, rows, num_tokens = scores.shape
     if scores.device.type != "cpu":
         raise ValueError(f"native selection takes CPU tensors, got {scores.device}")
-    if num_tokens >= 2**32:
-        raise ValueError(f"native selection indexes at most 2^32 - 1 tokens, got {num_tokens}; use backend='torch'")
+    max_tokens = native.native_limits().max_select_tokens
+    if num_tokens > max_tokens:
+        raise ValueError(f"native selection indexes at most {max_tokens} tokens, got {num_tokens}; use backend='torch'")
     if valid.shape != (batch, rows, num_tokens) or budgets.shape != (batch, rows):
         raise ValueError(f"valid must be [B, L, T] = {(batch, rows, num_tokens)} and budgets [B, L], got {tuple(valid.shape)} and {tuple(budgets.shape)}")
-    scores = scores.float().contiguous()
-    valid = valid.bool()
-    budgets = budgets.to(torch.int64).contiguous()
-    indices = scratch_or_new(scratch, "select_indices", (batch, heads, rows, max_budget), torch.int64, scores.device)
-    threads = max(1, min(torch.get_num_threads(), batch * heads * rows))
-    workspace = scratch_or_new(scratch, "select_workspace", (threads, 2, num_tokens), torch.int32, scores.device)
-    if indices.numel():
-        lib.doublesparse_select_tokens(
-            scores.data_ptr(), valid.data_ptr(), *valid.stride(), budgets.data_ptr(), indices.data_ptr(),
-            workspace.data_ptr(), batch, heads, rows, num_tokens, max_budget, sink_tokens, recent_tokens, threads,
-        )
+    if torch.compiler.is_compiling():  # one graph node; eager skips the dispatcher (see native_ops.py)
+        indices = torch.ops.doublesparse.select_tokens(scores, valid, budgets, sink_tokens, recent_tokens, max_budget)
+    else:
+        shape = (batch, heads, rows, max_budget)
+        indices = scratch_or_new(scratch, "select_indices", shape, torch.int64, scores.device)
+        shape = (native_ops.selection_threads(scores), 2, num_tokens)
+        workspace = scratch_or_new(scratch, "select_workspace", shape, torch.int32, scores.device)
+        native_ops.select_tokens_into(scores, valid, budgets, sink_tokens, recent_tokens, indices, workspace)
     slots = torch.arange(max_budget, device=scores.device)
     slot_valid = (slots < budgets[..., None])[:, None]
     return indices, slot_valid

@@ -507,9 +507,6 @@ def sparse_attention_triton(
     )
 
 
-_ROW_KINDS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 17}
-
-
 def sparse_attention_cpu_supports(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -520,17 +517,18 @@ def sparse_attention_cpu_supports(
     softcap: Optional[float] = None,
 ) -> bool:
     """Whether `sparse_attention_cpu` takes these inputs (else the reference serves them)."""
-    num_q_heads, rows, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    from . import native_ops
+
+    num_q_heads, head_dim = query.shape[1], query.shape[3]
     num_kv_heads, num_select_heads = keys.shape[1], indices.shape[1]
-    per_select = num_q_heads // num_select_heads
     return (
         # The native kernel knows one head size for keys and values, and neither sinks nor softcapping.
         sinks is None and softcap is None and values.shape[3] == head_dim
         and query.device.type == keys.device.type == values.device.type == "cpu"
-        and keys.dtype == values.dtype and keys.dtype in _ROW_KINDS
+        and keys.dtype == values.dtype and keys.dtype in native_ops.ROW_KINDS
         and keys.stride() == values.stride() and keys.stride(3) == 1
         and num_select_heads % num_kv_heads == 0 and num_q_heads % num_select_heads == 0
-        and per_select <= 64 and per_select * head_dim <= 16384 and head_dim <= 1024
+        and native_ops.sparse_attention_limits_hold(num_q_heads, num_select_heads, head_dim)
     )
 
 
@@ -544,26 +542,24 @@ def sparse_attention_cpu(
     scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
     """Native CPU sparse attention (cpu_decode.c): same result as the reference, selected rows read in place."""
-    from .native import require_library  # the library is built on first use, not at import
+    from . import native, native_ops  # native_ops registers the ops; the library is built at first use
 
-    lib = require_library()
+    native.require_native()
     if not sparse_attention_cpu_supports(query, keys, values, indices):
+        limits = native.native_limits()
         raise ValueError(
             "native sparse attention takes CPU K/V of one dtype (fp32/fp16/bf16) with the same strides and contiguous "
-            "rows, whole KV heads per selection head and at most 64 query heads per selection; use backend='torch'"
+            f"rows, whole KV heads per selection head, at most {limits.max_group_heads} query heads per selection, "
+            f"head_dim at most {limits.max_head_dim} and (query heads per selection) x head_dim at most "
+            f"{limits.max_group_accumulator}; use backend='torch'"
         )
+    if torch.compiler.is_compiling():  # one graph node; eager skips the dispatcher (see native_ops.py)
+        out = torch.ops.doublesparse.sparse_attention(query, keys, values, indices, slot_valid, float(scaling))
+        return out.to(query.dtype)
     batch, num_q_heads, rows, head_dim = query.shape
     num_select_heads, slots = indices.shape[1], indices.shape[-1]
-    queries = query.float().contiguous()
-    index = indices.to(torch.int64).contiguous()
-    keep = slot_valid.to(torch.bool).expand(batch, num_select_heads, rows, slots)
     per_select = num_q_heads // num_select_heads
     weights = scratch_or_new(scratch, "attend_weights", (batch, num_select_heads, rows, per_select, slots), torch.float32, query.device)
     out = scratch_or_new(scratch, "attend_out", (batch, num_q_heads, rows, head_dim), torch.float32, query.device)
-    if out.numel():
-        lib.doublesparse_sparse_attention(
-            queries.data_ptr(), keys.data_ptr(), values.data_ptr(), *keys.stride()[:3], index.data_ptr(), keep.data_ptr(),
-            *keep.stride(), weights.data_ptr(), out.data_ptr(), batch, num_q_heads, keys.shape[1], num_select_heads,
-            rows, slots, head_dim, _ROW_KINDS[keys.dtype], float(scaling), torch.get_num_threads(),
-        )
+    native_ops.sparse_attention_into(query, keys, values, indices, slot_valid, scaling, weights, out)
     return out.to(query.dtype)
