@@ -14,6 +14,7 @@ Phi-3, whose fused qkv projection transformers shards and gathers back.)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -150,7 +151,10 @@ def main() -> None:
     report["fused_prefetch_error"] = error_of(lambda: ds.apply(fused_sharded, fused_mask, prefetch))
 
     # A mask of one rank's rows only does not fit: the error names the rank and the head counts.
-    local = ds.ChannelMask(mask.ranking[:, :2], "qk", ds.HeadLayout.from_config(whole.config), per_kv_head=False)
+    # (Its layout says what it holds, a rank's 2 query / 1 KV heads, as a mask calibrated on one rank would.)
+    whole_layout = ds.HeadLayout.from_config(whole.config)
+    rank_layout = dataclasses.replace(whole_layout, num_heads=2, num_kv_heads=1)
+    local = ds.ChannelMask(mask.ranking[:, :2], "qk", rank_layout, per_kv_head=False)
     report["local_mask_error"] = error_of(lambda: ds.apply(sharded, local, ds.SparsityConfig(num_channels=4)))
     # A model whose single KV head cannot split over two ranks is refused before anything is patched.
     split = AutoModelForCausalLM.from_pretrained(split_dir, tp_plan="auto", dtype=torch.float32).eval()

@@ -7,6 +7,7 @@ rank holds 2 query heads and 1 KV head.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,8 +45,18 @@ def tp_report(tmp_path_factory):
         str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    # Its own process group, so that a timeout kills the ranks too, not only torchrun (orphaned ranks
+    # would keep the machine busy after the test).
+    launch = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = launch.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)
+        stdout, stderr = launch.communicate()
+        pytest.fail("the 2-rank torchrun launch did not finish in 240 s:\n" + stdout[-3000:] + stderr[-6000:])
+    assert launch.returncode == 0, stdout[-3000:] + stderr[-6000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
