@@ -8,7 +8,9 @@ forced in (`forced_tokens`), and the rest of the budget goes to the highest scor
 through one shared attention function, registered with transformers' attention interface under
 `EVAL_ATTENTION_NAME`, so models are never forked. A prefill (no past) attends densely unless
 `simulate` is set, as in `doublesparse/attention.py`; in simulate mode every query row selects its own
-tokens among its past, as if decoded one by one.
+tokens among its past, as if decoded one by one. The call's keyword arguments are checked as the runtime
+checks them; learned sinks (`s_aux`) and logit softcapping (`softcap`) enter the exact attention over
+the selection as they do in the model's own eager attention.
 
 Contract of a method (tested over the whole registry): with a budget covering the whole past it
 computes dense attention; it never selects padding or future tokens; it attends exactly its budget.
@@ -26,11 +28,11 @@ from doublesparse.attention_patch import attention_patched
 from doublesparse.channels import ChannelMask
 from doublesparse.config import SparsityConfig
 from doublesparse.kernels.selection import select_tokens_reference
-from doublesparse.kernels.sparse_attention import selection_mask
+from doublesparse.kernels.sparse_attention import cap_logits, selection_mask, softmax_with_sinks
 from doublesparse.layout import HeadLayout
 from doublesparse.policy import row_budgets, valid_keys
 from doublesparse.step import dense_attention
-from doublesparse.support import attention_modules, check_supported
+from doublesparse.support import attention_modules, check_attention_kwargs, check_head_sizes, check_supported
 
 EVAL_ATTENTION_NAME = "doublesparse_eval"
 EVAL_PLAN_ATTRIBUTE = "_doublesparse_eval_plan"
@@ -84,9 +86,15 @@ def exact_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torc
     return torch.matmul(query.float(), expand_kv(key, query.shape[1]).float().transpose(-1, -2)) * scaling
 
 
-def attention_weights(logits: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """Softmax of `logits` [B, H_q, L, T] over the attended keys (broadcastable bool); rows with none are 0."""
-    return torch.softmax(logits.masked_fill(~attended, float("-inf")), dim=-1).nan_to_num(0.0)
+def attention_weights(
+    logits: torch.Tensor, attended: torch.Tensor, sinks: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Softmax of `logits` [B, H_q, L, T] over the attended keys (broadcastable bool); rows with none are 0.
+
+    `sinks` [H_q] (gpt-oss's learned sinks) join each row's denominator.
+    """
+    sink_logits = None if sinks is None else sinks.float().reshape(1, -1, 1, 1)
+    return softmax_with_sinks(logits.masked_fill(~attended, float("-inf")), sink_logits)
 
 
 def recent_window(valid: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -148,7 +156,6 @@ class SelectiveMethod(Method):
         return selective_patch(model, self, self.effective_config(config))
 
 
-
 # --------------------------------------------------------------------------------------------- attention
 def selective_attention(
     module: torch.nn.Module,
@@ -162,6 +169,9 @@ def selective_attention(
 ) -> tuple[torch.Tensor, None]:
     """The baselines' attention-interface function: q [B, H_q, L, d], k/v [B, H_kv, T, d] -> ([B, L, H_q, d], None)."""
     plan: Optional[EvalLayerPlan] = getattr(module, EVAL_PLAN_ATTRIBUTE, None)
+    check_attention_kwargs(module, kwargs, query.shape[1])
+    check_head_sizes(module, query, key, value)
+    sinks, softcap = kwargs.get("s_aux"), kwargs.get("softcap")
 
     def dense_call() -> tuple[torch.Tensor, Any]:
         return dense_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -183,7 +193,8 @@ def selective_attention(
     if not (simulate_rows or rows < length) or bool((budgets >= lengths).all()):
         out, _ = dense_call()
         if method.needs_weights:
-            method.observe(plan, call, attention_weights(exact_logits(query, key, scaling), valid[:, None]), None)
+            logits = cap_logits(exact_logits(query, key, scaling), softcap)
+            method.observe(plan, call, attention_weights(logits, valid[:, None], sinks), None)
         return out, None
 
     scores = method.scores(plan, call)
@@ -194,7 +205,7 @@ def selective_attention(
     _record(plan, valid, budgets, selected)
     num_q_heads = query.shape[1]
     attended = selected.repeat_interleave(num_q_heads // selected.shape[1], dim=1)
-    weights = attention_weights(exact_logits(query, key, scaling), attended)
+    weights = attention_weights(cap_logits(exact_logits(query, key, scaling), softcap), attended, sinks)
     out = torch.matmul(weights, expand_kv(value, num_q_heads).float()).to(query.dtype)
     if method.needs_weights:
         method.observe(plan, call, weights, selected)
