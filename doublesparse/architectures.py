@@ -8,10 +8,12 @@ names it as untested.
 
 RoPE pairs (for `keep_rope_pairs`) are architecture facts that no config field states: which channels
 of a post-RoPE key turn together. rotate_half models (Llama and most others) turn channel c with
-c + d/2; Cohere, GLM, Helium, ERNIE and DeepSeek-V2 (complex multiplication) turn adjacent channels.
-DeepSeek-V3 keeps rotate_half pairs in the post-RoPE key whatever its `rope_interleave` says: with it set,
-the model de-interleaves its weights' channel order before rotating. MLA keys carry their rotary
-channels last (after `qk_nope_head_dim`); partial rotary models (Phi, GLM, GPT-NeoX) first.
+c + d/2; Cohere, GLM, GLM-4, Helium, ERNIE 4.5 and DeepSeek-V2 (complex multiplication) turn adjacent
+channels. DeepSeek-V3 keeps rotate_half pairs in the post-RoPE key whatever its `rope_interleave` says:
+with it set, the model de-interleaves its weights' channel order before rotating. MLA keys carry their
+rotary channels last (after `qk_nope_head_dim`); partial rotary models (Phi, GLM, GPT-NeoX) first.
+Cohere2's full-attention layers (the sparse ones) have no RoPE, nor have EXAONE 4's when it is windowed;
+SmolLM3 leaves some layers without RoPE, so that no one pairing fits a whole mask (refused).
 tests/test_architectures.py measures every entry's pairs from the model itself.
 """
 
@@ -28,7 +30,9 @@ from .ranking import RopePairs
 class Architecture:
     """One tested architecture: its transformers `model_type`, a display name, what is special about it,
     and how RoPE pairs the rotary channels of the keys of its full-attention layers (the ones made sparse):
-    "half" (rotate_half), "interleaved" (adjacent channels) or "none" (no RoPE there)."""
+    "half" (rotate_half), "interleaved" (adjacent channels), "none" (no RoPE there), "windowed-none" (none
+    where the config has a sliding window, else rotate_half) or "mixed" (some of them without RoPE, so that
+    no one pairing fits every layer)."""
 
     model_type: str
     name: str
@@ -48,7 +52,7 @@ TESTED: dict[str, Architecture] = {
         Architecture("phi3", "Phi-3", "fused qkv projection"),
         Architecture("phi", "Phi", "partial rotary (half the channels), dense MLP in parallel"),
         Architecture("mixtral", "Mixtral", "mixture of experts"),
-        Architecture("gemma", "Gemma", "scaled embeddings, head_dim given apart from hidden size"),
+        Architecture("gemma", "Gemma", "scaled embeddings, GeGLU MLP"),
         Architecture("gemma2", "Gemma2", "attention logit softcapping; sliding and full layers alternate"),
         Architecture("gemma3_text", "Gemma3", "sliding and full layers (sliding ones dense), q/k norm"),
         Architecture("olmo", "OLMo", "non-parametric layer norm"),
@@ -65,6 +69,23 @@ TESTED: dict[str, Architecture] = {
         Architecture("deepseek_v2", "DeepSeek-V2", "MLA with complex (interleaved) RoPE", "interleaved"),
         Architecture("glm4_moe_lite", "GLM-4-MoE-Lite", "MLA, mixture of experts"),
         Architecture("minicpm3", "MiniCPM3", "MLA, scaled embeddings and residuals"),
+        Architecture("glm4", "GLM-4", "partial, interleaved RoPE; extra norms after attention and MLP", "interleaved"),
+        Architecture("glm4_moe", "GLM-4-MoE", "partial rotary (rotate_half), mixture of experts"),
+        Architecture("granitemoe", "GraniteMoE", "attention multiplier as the scaling, mixture of experts"),
+        Architecture("olmo3", "OLMo3", "sliding and full layers, q/k norm"),
+        Architecture(
+            "exaone4", "EXAONE 4", "sliding and full layers, full ones without RoPE if windowed", "windowed-none"
+        ),
+        Architecture("ministral", "Ministral", "sliding and full layers"),
+        Architecture(
+            "smollm3", "SmolLM3", "layers without RoPE among layers with it (keep_rope_pairs refused)", "mixed"
+        ),
+        Architecture("vaultgemma", "VaultGemma", "softcapping like Gemma2, sliding and full layers"),
+        Architecture("ernie4_5", "ERNIE 4.5", "interleaved RoPE", "interleaved"),
+        Architecture("hunyuan_v1_dense", "Hunyuan-V1-Dense", "q/k norm after RoPE"),
+        Architecture("seed_oss", "Seed-OSS", "attention biases"),
+        Architecture("arcee", "Arcee", "ReLU-squared MLP, no gate"),
+        Architecture("apertus", "Apertus", "q/k norm, xIELU MLP, Llama-3 RoPE scaling"),
     )
 }
 
@@ -85,7 +106,12 @@ def rope_pairs(config: Any, layout: HeadLayout) -> RopePairs:
             "pairs the rotary channels of its keys (rotate_half or adjacent channels), so it cannot keep the pairs "
             "together: calibrate without keep_rope_pairs (--keep-rope-pairs)"
         )
-    if entry.rope == "none":
+    if entry.rope == "mixed":
+        raise ValueError(
+            f"keep_rope_pairs: {entry.name} applies RoPE on some layers only (config no_rope_layers), and a mask "
+            "records one pairing for all layers: calibrate without keep_rope_pairs (--keep-rope-pairs)"
+        )
+    if entry.rope == "none" or (entry.rope == "windowed-none" and getattr(text, "sliding_window", None)):
         return RopePairs()
     if is_mla(text):
         return RopePairs(int(text.qk_rope_head_dim), int(text.qk_nope_head_dim), entry.rope == "interleaved")

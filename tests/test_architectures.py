@@ -191,7 +191,9 @@ def _layer0_keys(model, input_ids):
 
 
 @pytest.mark.parametrize(
-    "arch, overrides", [(arch, {}) for arch in MATRIX] + [("deepseek_v3", {"rope_interleave": False})]
+    "arch, overrides",
+    [(arch, {}) for arch in MATRIX if TESTED[arch].rope != "mixed"]
+    + [("deepseek_v3", {"rope_interleave": False}), ("exaone4", {"sliding_window": None})],
 )
 def test_rope_pairs_are_the_channels_rope_turns_together(arch, overrides):
     # Layer 0's keys of one token at two positions differ only by RoPE: channels RoPE leaves alone are equal,
@@ -211,3 +213,13 @@ def test_rope_pairs_are_the_channels_rope_turns_together(arch, overrides):
     norms_first = first**2 + first[:, partner] ** 2
     norms_later = later**2 + later[:, partner] ** 2
     torch.testing.assert_close(norms_first, norms_later, atol=1e-5, rtol=1e-5)
+
+
+def test_keep_rope_pairs_is_refused_where_layers_differ_or_the_type_is_unknown():
+    model = tiny_model("smollm3")  # its second layer has no RoPE
+    with pytest.raises(ValueError, match="SmolLM3 applies RoPE on some layers only"):
+        rope_pairs(model.config, HeadLayout.from_config(model.config))
+    config = tiny_config("llama")
+    config.model_type = "some_new_model"
+    with pytest.raises(ValueError, match="does not know how 'some_new_model' pairs the rotary channels"):
+        rope_pairs(config, HeadLayout.from_config(config))

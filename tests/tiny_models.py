@@ -58,13 +58,32 @@ _CONFIGS = {
         "moe_intermediate_size": 32, "n_group": 1, "topk_group": 1,
     }),
     "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", {**_MLA, "q_lora_rank": 24}),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", {}),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", {
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 1,
+        "n_group": 1, "topk_group": 1,
+    }),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", _ALTERNATING),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", _ALTERNATING),
+    "ministral": ("MinistralConfig", "MinistralForCausalLM", _ALTERNATING),
+    # The second layer without RoPE (SmolLM3 leaves every fourth one without).
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {"no_rope_layers": [1, 0]}),
+    "vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM", {
+        **_ALTERNATING, "attn_logit_softcapping": 2.0, "query_pre_attn_scalar": 16, "initializer_range": 0.1,
+    }),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", {}),
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", {}),
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", {}),
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", {}),
+    "apertus": ("ApertusConfig", "ApertusForCausalLM", {}),
 }  # fmt: skip
 
 # Every architecture of the tested matrix (doublesparse/architectures.py), in the README's order.
 MATRIX = tuple(_CONFIGS)
 
 # transformers serves these with eager attention only (SDPA would drop their sinks / softcapping).
-EAGER_ONLY = {"gpt_oss", "gemma2"}
+EAGER_ONLY = {"gpt_oss", "gemma2", "vaultgemma"}
 # Query heads and KV heads are one count in these (MLA expands keys per query head; GPT-NeoX is MHA).
 ONE_KV_HEAD_PER_QUERY_HEAD = {"deepseek_v3", "deepseek_v2", "glm4_moe_lite", "minicpm3", "gpt_neox"}
 
