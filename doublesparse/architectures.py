@@ -69,6 +69,7 @@ TESTED: dict[str, Architecture] = {
         Architecture("deepseek_v2", "DeepSeek-V2", "MLA with complex (interleaved) RoPE", "interleaved"),
         Architecture("glm4_moe_lite", "GLM-4-MoE-Lite", "MLA, mixture of experts"),
         Architecture("minicpm3", "MiniCPM3", "MLA, scaled embeddings and residuals"),
+        Architecture("youtu", "Youtu", "MLA with DeepSeek-V3's interleaved RoPE weights"),
         Architecture("glm4", "GLM-4", "partial, interleaved RoPE; extra norms after attention and MLP", "interleaved"),
         Architecture("glm4_moe", "GLM-4-MoE", "partial rotary (rotate_half), mixture of experts"),
         Architecture("granitemoe", "GraniteMoE", "attention multiplier as the scaling, mixture of experts"),

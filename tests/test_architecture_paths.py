@@ -26,7 +26,10 @@ TOLERANCE = 1e-5
 
 
 def decode(model, config, *, steps=4, lengths=(12, 9), cache=None, mask=None, **options):
-    """Greedy generation of `steps` tokens under `config`: (sequences, logits [steps, B, V], cache)."""
+    """Greedy generation of `steps` tokens under `config`: (sequences, logits [steps, B, V], cache).
+
+    The pad token (a zero embedding: a query that ties every key) is never generated, see test_architectures.py.
+    """
     input_ids, attention_mask = left_padded_batch(list(lengths), seed=2)
     mask = random_channel_mask(model, seed=1) if mask is None else mask
     with torch.no_grad(), ds.patched(model, mask, config):
@@ -34,7 +37,7 @@ def decode(model, config, *, steps=4, lengths=(12, 9), cache=None, mask=None, **
             options["past_key_values"] = ds.make_cache(model, **cache)
         out = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=steps, min_new_tokens=steps,
-            do_sample=False, output_logits=True, return_dict_in_generate=True, **options,
+            do_sample=False, output_logits=True, return_dict_in_generate=True, suppress_tokens=[0], **options,
         )  # fmt: skip
     return out.sequences, torch.stack(out.logits), out.past_key_values
 
@@ -152,3 +155,17 @@ def test_the_baselines_attend_with_sinks_softcap_and_value_widths(arch, method):
     kept_all = attention_mask.bool() & (seen <= 11)
     assert float((sparse - dense)[kept_all].abs().max()) <= TOLERANCE
     assert float((sparse - dense)[0, -1].abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("arch", NOT_MLA)
+def test_dense_layers_keep_sinks_and_softcap(arch):
+    # Every layer configured dense: the exact dense path of every call (prefill and decode) is the model's.
+    model = tiny_model(arch)
+    with torch.no_grad():
+        input_ids, attention_mask = left_padded_batch([12, 9], seed=2)
+        dense = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, suppress_tokens=[0],
+        )  # fmt: skip
+    patched = decode(model, SMALL.replace(dense_layers=(0, 1)))
+    assert_same(patched, (dense.sequences, torch.stack(dense.logits)))

@@ -32,11 +32,14 @@ def _one_thread(one_thread):
 
 
 def greedy(model, input_ids, attention_mask, steps=STEPS):
+    # The pad token is never generated: its embedding is zero in most families, and a zero query scores every
+    # key alike, leaving the selection to tie-breaking (which the reference and the kernels do differently).
     return model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
         max_new_tokens=steps,
         min_new_tokens=steps,
+        suppress_tokens=[0],
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
@@ -120,19 +123,24 @@ def test_full_budget_equals_dense(arch):
     assert torch.equal(sparse.sequences, dense.sequences)
 
 
-@pytest.mark.parametrize("arch", MATRIX)
-def test_small_budget_equals_the_independent_reference(arch, monkeypatch):
+@pytest.mark.parametrize(
+    "arch, selection",
+    [(arch, "group") for arch in MATRIX] + [(arch, "head") for arch in ("llama", "gpt_oss", "gemma2", "deepseek_v3")],
+)
+def test_small_budget_equals_the_independent_reference(arch, selection, monkeypatch):
     model = tiny_model(arch)
-    mask = random_channel_mask(model, per_kv_head=True, seed=3)
+    # One ranking per selection head: per KV head for group selection, per query head for head selection.
+    mask = random_channel_mask(model, per_kv_head=selection == "group", seed=3)
+    config = SMALL.replace(selection=selection)
     input_ids, attention_mask = left_padded_batch([12, 9], seed=2)
     sparse_layers = full_layers(model)
     spy = Spy(monkeypatch)
     with torch.no_grad():
         dense = greedy(model, input_ids, attention_mask)
-        with ds.patched(model, mask, SMALL):
+        with ds.patched(model, mask, config):
             sparse = greedy(model, input_ids, attention_mask)
-        top = mask.top(SMALL.num_channels)
-        with reference_patched(model, {layer: top[layer] for layer in sparse_layers}, SMALL):
+        top = mask.top(config.num_channels)
+        with reference_patched(model, {layer: top[layer] for layer in sparse_layers}, config):
             reference = greedy(model, input_ids, attention_mask)
     # Every decode step of every full-attention layer ran the selection and the sparse kernel.
     assert len(spy.selections) == spy.attentions == len(sparse_layers) * (STEPS - 1)
@@ -223,3 +231,15 @@ def test_keep_rope_pairs_is_refused_where_layers_differ_or_the_type_is_unknown()
     config.model_type = "some_new_model"
     with pytest.raises(ValueError, match="does not know how 'some_new_model' pairs the rotary channels"):
         rope_pairs(config, HeadLayout.from_config(config))
+
+
+def test_a_type_outside_the_matrix_is_served_with_a_warning_naming_it(caplog):
+    model = tiny_model("llama")
+    model.config.model_type = "llama_lookalike"  # a decoder whose calls look like Llama's, never tested
+    with caplog.at_level("WARNING"), ds.patched(model, random_channel_mask(model), SMALL), torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    assert "LlamaForCausalLM (model type 'llama_lookalike') is not in the tested architecture matrix" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"), ds.patched(model, random_channel_mask(model), SMALL):
+        pass
+    assert "llama_lookalike" not in caplog.text, "the note is given once per process"

@@ -58,6 +58,7 @@ _CONFIGS = {
         "moe_intermediate_size": 32, "n_group": 1, "topk_group": 1,
     }),
     "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", {**_MLA, "q_lora_rank": 24}),
+    "youtu": ("YoutuConfig", "YoutuForCausalLM", {**_MLA, "q_lora_rank": 24}),
     "glm4": ("Glm4Config", "Glm4ForCausalLM", {}),
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", {
         "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 1,
@@ -85,7 +86,7 @@ MATRIX = tuple(_CONFIGS)
 # transformers serves these with eager attention only (SDPA would drop their sinks / softcapping).
 EAGER_ONLY = {"gpt_oss", "gemma2", "vaultgemma"}
 # Query heads and KV heads are one count in these (MLA expands keys per query head; GPT-NeoX is MHA).
-ONE_KV_HEAD_PER_QUERY_HEAD = {"deepseek_v3", "deepseek_v2", "glm4_moe_lite", "minicpm3", "gpt_neox"}
+ONE_KV_HEAD_PER_QUERY_HEAD = {"deepseek_v3", "deepseek_v2", "glm4_moe_lite", "minicpm3", "youtu", "gpt_neox"}
 
 
 def tiny_config(
