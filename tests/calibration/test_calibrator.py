@@ -126,26 +126,32 @@ def test_mla_outliers_planted_in_both_key_parts_rank_first(kind, rope_interleave
         assert all(abs(at[32 + i] - at[40 + i]) == 1 for i in range(8)), "a RoPE pair split up"
 
 
-def test_statistics_match_a_direct_computation():
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import sdpa_mask
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss", "gemma2", "deepseek_v3"])
+def test_statistics_match_a_direct_computation(arch):
+    # The q and k of every layer as the unpatched model computes them (its own eager attention: gpt-oss's
+    # sinks and Gemma2's softcap shape what the layers after the first see); MLA's keys of 48 channels.
+    import sys
 
-    model = tiny_model("llama")
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    model = tiny_model(arch)
     blocks = random_blocks(3, 20)
     mask = calibrate_blocks(model, blocks, batch_size=2, progress=False)
     seen = {}
 
     def record(module, query, key, value, attention_mask, **kwargs):
         seen[module.layer_idx] = (query.clone(), key.clone())
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("test_record_qk", record)
-    AttentionMaskInterface.register("test_record_qk", sdpa_mask)
+    AttentionMaskInterface.register("test_record_qk", eager_mask)
+    previous = model.config._attn_implementation
     model.set_attn_implementation("test_record_qk")
     with torch.no_grad():
         model(blocks)
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(previous)
     for layer, (query, key) in seen.items():
         group = query.shape[1] // key.shape[1]
         key_per_query = key.repeat_interleave(group, dim=1)
