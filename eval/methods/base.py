@@ -10,6 +10,10 @@ through one shared attention function, registered with transformers' attention i
 `simulate` is set, as in `doublesparse/attention.py`; in simulate mode every query row selects its own
 tokens among its past, as if decoded one by one.
 
+What the selective attention does not compute is refused by name, when patching and at every call,
+whatever the runtime serves: learned attention sinks, attention logit softcapping, multi-head latent
+attention, and any keyword argument the runtime's allowlist (doublesparse/support.py) does not know.
+
 Contract of a method (tested over the whole registry): with a budget covering the whole past it
 computes dense attention; it never selects padding or future tokens; it attends exactly its budget.
 """
@@ -30,10 +34,24 @@ from doublesparse.kernels.sparse_attention import selection_mask
 from doublesparse.layout import HeadLayout
 from doublesparse.policy import row_budgets, valid_keys
 from doublesparse.step import dense_attention
-from doublesparse.support import attention_modules, check_supported
+from doublesparse.support import (
+    MLA_FIELDS,
+    attention_modules,
+    check_attention_kwargs,
+    check_head_sizes,
+    check_supported,
+)
 
 EVAL_ATTENTION_NAME = "doublesparse_eval"
 EVAL_PLAN_ATTRIBUTE = "_doublesparse_eval_plan"
+
+# Attention features that the selective attention below does not compute, whatever the runtime serves:
+# keyword argument -> what it is. Refused by name, when patching where the model shows them, and at every call.
+UNSERVED_ATTENTION_KWARGS = {
+    "s_aux": "learned attention sinks",
+    "sinks": "learned attention sinks",
+    "softcap": "attention logit softcapping",
+}
 
 
 # --------------------------------------------------------------------------------------------- plans
@@ -148,7 +166,6 @@ class SelectiveMethod(Method):
         return selective_patch(model, self, self.effective_config(config))
 
 
-
 # --------------------------------------------------------------------------------------------- attention
 def selective_attention(
     module: torch.nn.Module,
@@ -161,6 +178,7 @@ def selective_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The baselines' attention-interface function: q [B, H_q, L, d], k/v [B, H_kv, T, d] -> ([B, L, H_q, d], None)."""
+    check_baseline_call(module, query, key, value, kwargs)
     plan: Optional[EvalLayerPlan] = getattr(module, EVAL_PLAN_ATTRIBUTE, None)
 
     def dense_call() -> tuple[torch.Tensor, Any]:
@@ -201,6 +219,50 @@ def selective_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def check_baseline_model(model: torch.nn.Module) -> None:
+    """ValueError naming learned sinks, logit softcapping or MLA: the baselines' attention computes none of them."""
+    name = type(model).__name__
+    text = model.config.get_text_config(decoder=True)
+    mla = sorted(field for field in MLA_FIELDS if getattr(text, field, None) is not None)
+    if mla:
+        raise ValueError(
+            f"{name} uses multi-head latent attention (MLA: {', '.join(mla)}), which the evaluation baselines do not "
+            "serve: their selective attention assumes keys and values of one head size"
+        )
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"{name} uses attention logit softcapping (attn_logit_softcapping), which the evaluation baselines do not "
+            "implement: their selective attention would drop it"
+        )
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and isinstance(getattr(module, "sinks", None), torch.Tensor):
+            raise ValueError(
+                f"{name} has learned attention sinks ({type(module).__name__}.sinks, passed as s_aux), which the "
+                "evaluation baselines do not implement: their selective attention would drop them"
+            )
+
+
+def check_baseline_call(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict[str, Any]
+) -> None:
+    """ValueError for an attention call the baselines would compute wrongly, naming what it asks for."""
+    for name, what in UNSERVED_ATTENTION_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"{type(module).__name__} passes {name} ({what}) to the attention function, which the evaluation "
+                "baselines do not implement: their results would be silently wrong"
+            )
+    if not query.shape[-1] == key.shape[-1] == value.shape[-1]:
+        raise ValueError(
+            f"{type(module).__name__} attends with query, key and value heads of {query.shape[-1]}, {key.shape[-1]} "
+            f"and {value.shape[-1]} channels (multi-head latent attention?): the evaluation baselines serve one head "
+            "size"
+        )
+    # Then what the runtime refuses: any keyword argument not on its allowlist.
+    check_head_sizes(module, query, key, value)
+    check_attention_kwargs(module, kwargs)
+
+
 def _record(plan: EvalLayerPlan, valid: torch.Tensor, budgets: torch.Tensor, selected: torch.Tensor) -> None:
     # Tests read what was selected to check the contract; nothing is kept unless they ask.
     if plan.recorder is not None:
@@ -213,6 +275,7 @@ def selective_patch(
 ) -> Iterator[torch.nn.Module]:
     """Inside: `model` attends with `method` through the shared selective attention; restored on exit."""
     layout = HeadLayout.from_config(model.config)
+    check_baseline_model(model)
     check_supported(model, layout)
     config.check_model(layout.num_layers, layout.head_dim)
     modules = attention_modules(model, layout)
