@@ -64,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
     from doublesparse.calibration.calibrator import calibrate, check_settings
     from doublesparse.calibration.data import default_data_path, read_documents
     from doublesparse.calibration.report import concentration_summary, radii_for
-    from doublesparse.serving import sglang_classic_note
+    from doublesparse.input_checks import check_device, check_model_folder
     from doublesparse.output_paths import check_output_file
+    from doublesparse.serving import sglang_classic_note
 
     # Everything that can be refused is refused here, before the data is read or the model loaded.
     check_settings(kind=args.kind, num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
@@ -75,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(out, "--out")
     if args.format == "json":
         check_output_file(out.with_suffix(".json"), "--out (its .json beside it)")
-    check_device(args.device, args.device_map)
-    check_model_source(args.model)
+    check_device(args.device, device_map=args.device_map)
+    check_model_folder(args.model)
     data = args.data
     if data is None:
         data = default_data_path()
@@ -126,42 +127,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"share of the {mask.kind} statistic in the top r channels (mean over heads):")
     print(concentration_summary(mask, radii_for(layout.head_dim)))
     return 0
-
-
-def check_device(device: str | None, device_map: str | None = None) -> None:
-    """ValueError unless `device` (a --device value) names a device this machine has."""
-    import torch
-
-    if device is None:
-        return
-    if device_map:
-        raise ValueError("--device and --device-map both place the model: pass one of them")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or mps") from None
-    if parsed.type == "cpu":
-        return
-    backend = getattr(torch, parsed.type, None) if parsed.type != "mps" else torch.backends.mps
-    if backend is None or not getattr(backend, "is_available", lambda: False)():
-        raise ValueError(f"--device {device!r}: this machine has no {parsed.type} device available: use --device cpu")
-    count = getattr(backend, "device_count", lambda: 1)()
-    if parsed.index is not None and parsed.index >= count:
-        raise ValueError(f"--device {device!r}: this machine has {count} {parsed.type} device(s), numbered from 0")
-
-
-def check_model_source(name: str | None) -> None:
-    """ValueError for a --model that is a folder but not a transformers model folder (no config.json)."""
-    if name is None:
-        return
-    path = Path(name).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ValueError(
-            f"--model {name!r} is a folder without config.json, not a transformers model folder: pass the folder "
-            "that save_pretrained wrote (config.json, weights, tokenizer) or a hub id"
-        )
-    if path.is_file():
-        raise ValueError(f"--model {name!r} is a file: pass the model's folder or a hub id")
 
 
 def check_data_options(data: str | Path, field: str | None, split: str | None) -> None:

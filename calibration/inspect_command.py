@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 HELP = "show how concentrated the channels of a calibrated mask are, and plot their importance"
-
-PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--per-kv", action="store_true", help="one row per KV head (statistics summed over each group)")
     parser.add_argument("--plot", help="save a heatmap of channel importance to this image file (png, pdf, svg)")
-    parser.add_argument("--layer", type=int, help="plot only this layer (heads x channels)")
+    parser.add_argument("--layer", type=int, help="with --plot: plot only this layer (heads x channels)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,13 +29,12 @@ def run(args: argparse.Namespace) -> int:
         top_channels_table,
     )
     from doublesparse.channels import ChannelMask
-    from doublesparse.output_paths import check_output_file
+    from doublesparse.output_paths import check_image_file
 
     if args.plot:
-        suffix = Path(args.plot).suffix.lstrip(".").lower()
-        if suffix and suffix not in PLOT_FORMATS:
-            raise ValueError(f"--plot {args.plot!r}: images are written as {', '.join(PLOT_FORMATS)}, not {suffix!r}")
-        check_output_file(args.plot, "--plot")
+        check_image_file(args.plot, "--plot")
+    elif args.layer is not None:
+        raise ValueError("--layer picks the layer to plot: add --plot FILE (the tables always show every layer)")
     mask = ChannelMask.load(args.channels, kind=args.kind)
     pinned = f"content sha256 {mask.source_hash} ({mask.source_hash_note})"  # of the file, before any view
     if not 1 <= args.r <= mask.head_dim:

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .kernels.dispatch import BACKENDS
+from .kernels.backends import BACKENDS
 
 LABEL_BITS = (16, 8, 4)
 SELECTIONS = ("group", "head")

@@ -7,8 +7,8 @@ metadata, tensors of the wrong kind; in the authors' JSON, anything but an objec
 one length. What the parts mean together (permutations, statistics that agree with the ranking, a
 layout that fits the tensors) is checked by `ChannelMask` when it is built (channels.py).
 
-Files are written atomically (`atomic_write`), and a mask's safetensors header canonically (sorted
-keys), so that equal masks give equal files.
+Files are written atomically (`atomic_write`, from output_paths.py), and a mask's safetensors header
+canonically (sorted keys), so that equal masks give equal files.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import torch
 from safetensors.torch import save_file
+
+from .output_paths import atomic_write
 
 KINDS = ("q", "k", "qk")
 FORMAT = "doublesparse.channel_mask"
@@ -346,22 +347,6 @@ def save_canonical(tensors: dict[str, torch.Tensor], metadata: dict[str, str], p
     ).encode()
     header += b" " * (-len(header) % 8)
     Path(path).write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size :])
-
-
-def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], Any]) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_authors_json(path: Union[str, os.PathLike], entries: dict[str, list]) -> None:

@@ -15,15 +15,19 @@ from typing import Optional
 
 import torch
 
+from .backends import BACKENDS
 from .dense_attention import dense_attention_reference, dense_attention_triton
 from .label_append import Labels, make_labels_reference, make_labels_triton
 from .label_scores import label_scores_cpu, label_scores_reference, label_scores_triton
 from .native import native_available, require_native
 from .scratch import Scratch
 from .selection import select_tokens_cpu, select_tokens_reference
-from .sparse_attention import sparse_attention_cpu, sparse_attention_cpu_supports, sparse_attention_reference, sparse_attention_triton
-
-BACKENDS = ("auto", "torch", "triton", "cpu")
+from .sparse_attention import (
+    sparse_attention_cpu,
+    sparse_attention_cpu_supports,
+    sparse_attention_reference,
+    sparse_attention_triton,
+)
 
 
 def triton_available() -> bool:

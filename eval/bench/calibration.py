@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks", type=int, default=64, help="calibration blocks (default: 64)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per block (default: 512)")
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default: 8)")
-    parser.add_argument("--kind", default="qk", choices=("q", "k", "qk"),
-                        help="ranking kind (all three are collected anyway)")
+    parser.add_argument(
+        "--kind", default="qk", choices=("q", "k", "qk"), help="ranking kind (all three are collected anyway)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
     parser.add_argument("--no-baseline", action="store_true", help="skip timing the plain forward pass")
@@ -48,8 +49,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from doublesparse.calibration.calibrator import calibrate_blocks, check_settings
+    from doublesparse.input_checks import check_device, check_model_folder
+    from doublesparse.output_paths import check_output_file
 
     check_settings(kind=args.kind, num_samples=args.blocks, seq_len=args.seq_len, batch_size=args.batch_size)
+    check_device(args.device)
+    check_model_folder(args.model, needs_tokenizer=False)  # token ids are drawn at random: no tokenizer needed
+    if args.json_out:
+        check_output_file(args.json_out, "--json")
     set_threads(args.threads)
     model, name = _model(args.model, args.device)
     vocab = model.get_input_embeddings().num_embeddings
@@ -102,8 +109,7 @@ def _model(path: Optional[str], device: str) -> tuple[Any, str]:
     else:
         torch.manual_seed(0)
         config = transformers.LlamaConfig(**TINY_LLAMA)
-        model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa",
-                                                           dtype=torch.float32)
+        model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         name = "random tiny Llama (4 layers, hidden 256, 8/4 heads, head_dim 32)"
     return model.to(device).eval(), name
 
@@ -117,4 +123,3 @@ def _plain_forward_seconds(model: Any, blocks: Any, batch_size: int) -> float:
         for start in range(0, len(blocks), batch_size):
             model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1)
     return time.perf_counter() - started
-

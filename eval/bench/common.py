@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 
 def parse_contexts(text: str, option: str = "--contexts") -> list[int]:
@@ -37,12 +37,21 @@ def resolve_device(name: Optional[str]) -> Any:
     """The torch device of a --device option (None: cuda when available, else cpu); ValueError if unusable."""
     import torch
 
+    from doublesparse.input_checks import check_device
+
+    check_device(name)
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but CUDA is not available here; use --device cpu")
     return device
+
+
+def check_report_outputs(out_dir: Union[str, Path], benchmark: str, plot: bool) -> None:
+    """ValueError unless --out-dir can take bench_<benchmark>.json (and .png when `plot`): checked before any work."""
+    from doublesparse.output_paths import check_output_folder
+
+    names = [f"bench_{benchmark}.json"] + ([f"bench_{benchmark}.png"] if plot else [])
+    check_output_folder(out_dir, "--out-dir", names)
 
 
 def check_threads(threads: Optional[int]) -> None:
@@ -94,10 +103,9 @@ def random_channel_mask(layout: Any, seed: int) -> Any:
 
 def write_report(report: dict[str, Any], path: Path, sort_keys: bool = False) -> None:
     """Write a benchmark report as indented JSON, atomically (a crash leaves no half-written file)."""
-    from doublesparse.channels import atomic_write
+    from doublesparse.output_paths import write_text
 
-    text = json.dumps(report, indent=2, sort_keys=sort_keys, default=str) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text(path, json.dumps(report, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
 def pyplot() -> Any:
@@ -112,8 +120,10 @@ def pyplot() -> Any:
 
 def save_figure(figure: Any, path: Path) -> None:
     """Lay out `figure`, write it to `path` as PNG, atomically, and close it."""
-    from doublesparse.channels import atomic_write
+    from doublesparse.output_paths import atomic_write
 
     figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
-    pyplot().close(figure)
+    try:
+        atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    finally:
+        pyplot().close(figure)

@@ -19,13 +19,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from doublesparse.kernels.dispatch import BACKENDS
+from doublesparse.kernels.backends import BACKENDS
 
 from ..harness.budgets import parse_budget
 from ..models import presets
 from .common import (
-    cache_kv_bytes, parse_contexts, positive_ints, pyplot, random_channel_mask, resolve_device, save_figure,
-    set_threads, synchronizer, write_report,
+    cache_kv_bytes,
+    check_report_outputs,
+    parse_contexts,
+    positive_ints,
+    pyplot,
+    random_channel_mask,
+    resolve_device,
+    save_figure,
+    set_threads,
+    synchronizer,
+    write_report,
 )
 
 HELP = "time end-to-end decode steps, dense vs Double Sparsity, on models built at real shapes (JSON, plot)"
@@ -34,10 +43,17 @@ HELP = "time end-to-end decode steps, dense vs Double Sparsity, on models built 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the decode benchmark."""
     add = parser.add_argument
-    add("--config", default=None, choices=sorted(presets.PRESETS),
-        help="model shape (default: llama-3.1-8b on CUDA, llama-8l-cpu on CPU)")
-    add("--context", default=None,
-        help="comma-separated cached lengths, K = 1024 (default: 8K,32K,128K on CUDA, 32K on CPU)")
+    add(
+        "--config",
+        default=None,
+        choices=sorted(presets.PRESETS),
+        help="model shape (default: llama-3.1-8b on CUDA, llama-8l-cpu on CPU)",
+    )
+    add(
+        "--context",
+        default=None,
+        help="comma-separated cached lengths, K = 1024 (default: 8K,32K,128K on CUDA, 32K on CPU)",
+    )
     add("--batch", default=None, help="comma-separated batch sizes (default: 1,8 on CUDA, 1 on CPU)")
     add("--budget", default="1/16", help="token budget fraction (default: 1/16)")
     add("--channels", type=int, default=16, help="label channels r (default: 16)")
@@ -45,15 +61,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--selection", default="group", choices=("group", "head"), help="selection per KV group or per query head")
     add("--steps", type=int, default=8, help="timed decode steps per method (default: 8)")
     add("--warmup", type=int, default=2, help="untimed decode steps first (default: 2)")
-    add("--prefill", default="synthetic", choices=("synthetic", "model"),
-        help="how the cache is filled (default: synthetic)")
-    add("--dtype", choices=("float32", "float16", "bfloat16"),
-        help="weights and cache dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    add(
+        "--prefill",
+        default="synthetic",
+        choices=("synthetic", "model"),
+        help="how the cache is filled (default: synthetic)",
+    )
+    add(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="weights and cache dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
     add("--device", help="cpu or cuda (default: cuda when available)")
     add("--backend", default="auto", choices=BACKENDS, help="kernel backend (default: auto)")
-    add("--compile", action="store_true",
-        help="torch.compile the decode step (CUDA graphs with --compile-mode reduce-overhead)")
-    add("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
+    add(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (CUDA graphs with --compile-mode reduce-overhead)",
+    )
+    add("--compile-mode", default=None, help="with --compile: the torch.compile mode, e.g. reduce-overhead")
     add("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add("--seed", type=int, default=0, help="seed of weights, caches and channels")
     add("--out-dir", default="./results/bench-decode", help="folder for bench_decode.json and .png")
@@ -88,7 +114,13 @@ def fill_cache(model: Any, decoder: Any, cache: Any, batch: int, context: int, p
 
 
 def time_steps(
-    decoder: Any, cache: Any, mask: Any, logits: Any, context: int, steps: int, warmup: int,
+    decoder: Any,
+    cache: Any,
+    mask: Any,
+    logits: Any,
+    context: int,
+    steps: int,
+    warmup: int,
     synchronize: Callable[[], None],
 ) -> list[float]:
     """Seconds of each timed decode step (after `warmup` untimed ones)."""
@@ -114,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
     from doublesparse.decode import StaticDecoder
     from doublesparse.provenance import provenance
 
+    check_report_outputs(args.out_dir, "decode", plot=not args.no_plot)
+    if args.compile_mode is not None and not args.compile:
+        raise ValueError(f"--compile-mode {args.compile_mode!r} is a mode of torch.compile: add --compile")
     device = resolve_device(args.device)
     preset = args.config or ("llama-3.1-8b" if device.type == "cuda" else "llama-8l-cpu")
     contexts = parse_contexts(args.context or ("8K,32K,128K" if device.type == "cuda" else "32K"), "--context")
@@ -123,8 +158,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     set_threads(args.threads)
-    config = ds.SparsityConfig(num_channels=args.channels, token_budget=float(budget), label_bits=args.label_bits,
-                               selection=args.selection, backend=args.backend)
+    config = ds.SparsityConfig(
+        num_channels=args.channels,
+        token_budget=float(budget),
+        label_bits=args.label_bits,
+        selection=args.selection,
+        backend=args.backend,
+    )
     synchronize = synchronizer(device)
 
     model = presets.build_model(preset, dtype, device, args.seed)
@@ -157,20 +197,39 @@ def run(args: argparse.Namespace) -> int:
             del cache, decoder
             step = statistics.median(seconds)
             measured[method] = step
-            rows.append({"context": context, "batch": batch, "method": method, "ms_per_step": 1e3 * step,
-                         "tokens_per_s": batch / step, "step_seconds": seconds, "cache_bytes": memory,
-                         "peak_device_bytes": peak})
+            rows.append(
+                {
+                    "context": context,
+                    "batch": batch,
+                    "method": method,
+                    "ms_per_step": 1e3 * step,
+                    "tokens_per_s": batch / step,
+                    "step_seconds": seconds,
+                    "cache_bytes": memory,
+                    "peak_device_bytes": peak,
+                }
+            )
             progress.update(1)
         rows[-1]["speedup_vs_dense"] = measured["dense"] / measured["double_sparsity"]
     progress.close()
 
     report = {
         "benchmark": "decode",
-        "settings": {"config": preset, "model_shape": presets.PRESETS[preset][1], "contexts": contexts,
-                     "batches": batches, "budget": str(budget), "sparsity_config": config.to_dict(),
-                     "steps": args.steps, "warmup": args.warmup, "prefill": args.prefill,
-                     "dtype": str(dtype).replace("torch.", ""), "compile": args.compile,
-                     "compile_mode": args.compile_mode, "seed": args.seed},
+        "settings": {
+            "config": preset,
+            "model_shape": presets.PRESETS[preset][1],
+            "contexts": contexts,
+            "batches": batches,
+            "budget": str(budget),
+            "sparsity_config": config.to_dict(),
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "prefill": args.prefill,
+            "dtype": str(dtype).replace("torch.", ""),
+            "compile": args.compile,
+            "compile_mode": args.compile_mode,
+            "seed": args.seed,
+        },
         **provenance(device),
         "rows": rows,
     }
@@ -213,8 +272,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     for batch in report["settings"]["batches"]:
         for method in ("dense", "double_sparsity"):
-            points = [(r["context"], r["tokens_per_s"]) for r in report["rows"]
-                      if r["batch"] == batch and r["method"] == method]
+            points = [
+                (r["context"], r["tokens_per_s"])
+                for r in report["rows"]
+                if r["batch"] == batch and r["method"] == method
+            ]
             if points:
                 axis.plot(*zip(*points), marker="o", label=f"{method}, batch {batch}")
     axis.set_xscale("log", base=2)

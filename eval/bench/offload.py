@@ -28,13 +28,23 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from doublesparse.kernels.dispatch import BACKENDS
+from doublesparse.kernels.backends import BACKENDS
 
 from ..harness.budgets import parse_budget
 from ..models import presets
 from .common import (
-    cache_kv_bytes, check_threads, parse_contexts, positive_ints, pyplot, random_channel_mask, resolve_device,
-    save_figure, set_threads, synchronizer, write_report,
+    cache_kv_bytes,
+    check_report_outputs,
+    check_threads,
+    parse_contexts,
+    positive_ints,
+    pyplot,
+    random_channel_mask,
+    resolve_device,
+    save_figure,
+    set_threads,
+    synchronizer,
+    write_report,
 )
 
 HELP = "time decode steps with K/V in host memory: Double Sparsity-Offload vs full-KV offload vs dense (JSON, plot)"
@@ -49,23 +59,39 @@ DEVICE_HEADROOM = 0.1  # fraction of the dense KV kept free for activations, log
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the offload benchmark."""
     add = parser.add_argument
-    add("--config", default=None, choices=sorted(presets.PRESETS),
-        help="model shape (default: llama-3.1-8b on CUDA, llama-8l-cpu on CPU)")
-    add("--context", default=None,
-        help=f"comma-separated cached lengths, K = 1024 (default: {CUDA_CONTEXTS} on CUDA, {CPU_CONTEXTS} on CPU)")
+    add(
+        "--config",
+        default=None,
+        choices=sorted(presets.PRESETS),
+        help="model shape (default: llama-3.1-8b on CUDA, llama-8l-cpu on CPU)",
+    )
+    add(
+        "--context",
+        default=None,
+        help=f"comma-separated cached lengths, K = 1024 (default: {CUDA_CONTEXTS} on CUDA, {CPU_CONTEXTS} on CPU)",
+    )
     add("--batch", default=None, help="comma-separated batch sizes (default: 1,8 on CUDA, 1 on CPU)")
-    add("--methods", default=",".join(METHODS),
-        help=f"comma-separated methods among {', '.join(METHODS)} (default: all)")
+    add(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated methods among {', '.join(METHODS)} (default: all)",
+    )
     add("--budget", default="1/16", help="ds_offload token budget fraction (default: 1/16)")
     add("--channels", type=int, default=16, help="ds_offload label channels r (default: 16)")
     add("--label-bits", type=int, default=4, choices=(16, 8, 4), help="ds_offload label width (default: 4)")
-    add("--sync-layers", default="0",
+    add(
+        "--sync-layers",
+        default="0",
         help="ds_offload layers that select with their own query and copy synchronously, comma-separated, or "
-             "'auto' for the recall rule (default: 0; random weights make measured recall meaningless)")
+        "'auto' for the recall rule (default: 0; random weights make measured recall meaningless)",
+    )
     add("--steps", type=int, default=8, help="timed decode steps per method (default: 8)")
     add("--warmup", type=int, default=2, help="untimed decode steps first (default: 2)")
-    add("--dtype", choices=("float32", "float16", "bfloat16"),
-        help="weights and cache dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    add(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="weights and cache dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
     add("--device", help="cpu or cuda (default: cuda when available)")
     add("--backend", default="auto", choices=BACKENDS, help="ds_offload kernel backend (default: auto)")
     add("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -159,8 +185,10 @@ def dense_fits(kv_bytes: int, device: Any) -> tuple[bool, str]:
     # Memory torch holds in its cache but does not use is free for the cache too.
     available = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     needed = int(kv_bytes * (1 + DEVICE_HEADROOM)) + 2 * FILL_CHUNK_BYTES
-    verdict = (f"needs ~{needed / 2**30:.1f} GiB (KV {kv_bytes / 2**30:.1f} GiB + headroom), "
-               f"{available / 2**30:.1f} GiB free beside the weights")
+    verdict = (
+        f"needs ~{needed / 2**30:.1f} GiB (KV {kv_bytes / 2**30:.1f} GiB + headroom), "
+        f"{available / 2**30:.1f} GiB free beside the weights"
+    )
     return needed <= available, verdict
 
 
@@ -181,8 +209,9 @@ def release_memory(device: Any) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         # Pinned blocks stay cached by torch's host allocator and are not counted as available RAM.
-        empty_host_cache = (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
-                            or getattr(torch._C, "_host_emptyCache", None))
+        empty_host_cache = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or getattr(
+            torch._C, "_host_emptyCache", None
+        )
         if empty_host_cache is not None:
             empty_host_cache()
 
@@ -197,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     from doublesparse.provenance import provenance
 
     # Every option is checked before any model is built.
+    check_report_outputs(args.out_dir, "offload", plot=not args.no_plot)
     device = resolve_device(args.device)
     preset = args.config or ("llama-3.1-8b" if device.type == "cuda" else "llama-8l-cpu")
     contexts = parse_contexts(args.context or (CUDA_CONTEXTS if device.type == "cuda" else CPU_CONTEXTS), "--context")
@@ -206,14 +236,20 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     if min(contexts) <= args.warmup + args.steps:
-        raise ValueError(f"--context {min(contexts)} must exceed --warmup + --steps = {args.warmup + args.steps}: the "
-                         "cache is filled with context - warmup - steps tokens and holds `context` after the last step")
+        raise ValueError(
+            f"--context {min(contexts)} must exceed --warmup + --steps = {args.warmup + args.steps}: the "
+            "cache is filled with context - warmup - steps tokens and holds `context` after the last step"
+        )
     check_threads(args.threads)
     shape = presets.PRESETS[preset][1]
     layout = ds.HeadLayout.from_config(presets.preset_config(preset))
     sparsity = ds.SparsityConfig(
-        offload=True, prefetch=True, token_budget=float(budget), num_channels=args.channels,
-        label_bits=args.label_bits, sync_layers=parse_sync_layers(args.sync_layers, layout.num_layers),
+        offload=True,
+        prefetch=True,
+        token_budget=float(budget),
+        num_channels=args.channels,
+        label_bits=args.label_bits,
+        sync_layers=parse_sync_layers(args.sync_layers, layout.num_layers),
         backend=args.backend,
     )
     sparsity.check_model(layout.num_layers, layout.head_dim)
@@ -237,8 +273,9 @@ def run(args: argparse.Namespace) -> int:
             progress.set_postfix_str(f"{method} {context} x{batch}")
             row = {"context": context, "batch": batch, "method": method}
             if method == "dense":
-                kv_bytes = host_kv_bytes(layout.num_layers, batch, layout.num_kv_heads, layout.head_dim, context, dtype,
-                                         pinned=False)
+                kv_bytes = host_kv_bytes(
+                    layout.num_layers, batch, layout.num_kv_heads, layout.head_dim, context, dtype, pinned=False
+                )
                 fits, verdict = dense_fits(kv_bytes, device)
                 row["fit_check"] = verdict
                 if not fits:
@@ -260,14 +297,27 @@ def run(args: argparse.Namespace) -> int:
 
     report = {
         "benchmark": "offload",
-        "settings": {"config": preset, "model_shape": shape, "layout": layout.to_dict(), "weight_bytes": weight_bytes,
-                     "contexts": contexts, "batches": batches, "methods": methods, "budget": str(budget),
-                     "sparsity_config": sparsity.to_dict(), "steps": args.steps, "warmup": args.warmup,
-                     "dtype": str(dtype).replace("torch.", ""), "backend": args.backend, "threads": args.threads,
-                     "seed": args.seed, "fill": "synthetic (random K/V through cache.update)",
-                     "filled": "context - warmup - steps tokens; "
-                               "the cache holds context tokens after the last timed step",
-                     "dense_cache": "transformers StaticCache", "peak_device_bytes": "during warm-up and timed steps"},
+        "settings": {
+            "config": preset,
+            "model_shape": shape,
+            "layout": layout.to_dict(),
+            "weight_bytes": weight_bytes,
+            "contexts": contexts,
+            "batches": batches,
+            "methods": methods,
+            "budget": str(budget),
+            "sparsity_config": sparsity.to_dict(),
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "dtype": str(dtype).replace("torch.", ""),
+            "backend": args.backend,
+            "threads": args.threads,
+            "seed": args.seed,
+            "fill": "synthetic (random K/V through cache.update)",
+            "filled": "context - warmup - steps tokens; the cache holds context tokens after the last timed step",
+            "dense_cache": "transformers StaticCache",
+            "peak_device_bytes": "during warm-up and timed steps",
+        },
         **provenance(device),
         "rows": rows,
     }
@@ -298,8 +348,16 @@ def _new_cache(method: str, model: Any, max_len: int, batch: int) -> Any:
 
 
 def _run_method(
-    method: str, model: Any, layout: Any, batch: int, prefix: int, max_len: int, dtype: Any, device: Any,
-    args: argparse.Namespace, synchronize: Callable[[], None],
+    method: str,
+    model: Any,
+    layout: Any,
+    batch: int,
+    prefix: int,
+    max_len: int,
+    dtype: Any,
+    device: Any,
+    args: argparse.Namespace,
+    synchronize: Callable[[], None],
 ) -> dict[str, Any]:
     """One method at one (context, batch), `prefix` tokens filled: the measured fields, or why it was skipped."""
     import torch
@@ -327,9 +385,15 @@ def _measure(cache, model, layout, batch: int, prefix: int, dtype, device, args,
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     memory = cache.memory() if hasattr(cache, "memory") else device_cache_bytes(cache)
     step = statistics.median(seconds)
-    measured = {"ms_per_step": 1e3 * step, "tokens_per_s": batch / step, "step_seconds": seconds,
-                "host_bytes": memory["host"], "device_bytes": memory["device"], "cache_bytes": memory,
-                "peak_device_bytes": peak}
+    measured = {
+        "ms_per_step": 1e3 * step,
+        "tokens_per_s": batch / step,
+        "step_seconds": seconds,
+        "host_bytes": memory["host"],
+        "device_bytes": memory["device"],
+        "cache_bytes": memory,
+        "peak_device_bytes": peak,
+    }
     prefetch_report = getattr(cache, "prefetch_report", None)
     if prefetch_report is not None:
         measured["sync_layers"] = prefetch_report().get("sync_layers")
@@ -380,16 +444,21 @@ def plot(report: dict[str, Any], path: Any) -> None:
     styles = {"ds_offload": "-", "full_offload": "--", "dense": ":"}
     for method in settings["methods"]:
         for batch in settings["batches"]:
-            points = [(r["context"], r["ms_per_step"]) for r in report["rows"]
-                      if r["method"] == method and r["batch"] == batch and "ms_per_step" in r]
+            points = [
+                (r["context"], r["ms_per_step"])
+                for r in report["rows"]
+                if r["method"] == method and r["batch"] == batch and "ms_per_step" in r
+            ]
             if points:
                 axis.plot(*zip(*points), styles[method], marker="o", label=f"{method}, batch {batch}")
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
     axis.set_xlabel("context (tokens)")
     axis.set_ylabel("ms per decode step (median)")
-    axis.set_title(f"decode with K/V offloaded, {settings['config']}, budget {settings['budget']} "
-                   f"({report['device_type']})", fontsize=10)
+    axis.set_title(
+        f"decode with K/V offloaded, {settings['config']}, budget {settings['budget']} ({report['device_type']})",
+        fontsize=10,
+    )
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
     save_figure(figure, path)

@@ -23,18 +23,22 @@ DEFAULT_SPARSITIES = "1/4,1/8,1/16"
 # Sizes that keep the whole job under five minutes on two CPU cores.
 BUNDLED_SIZES = {"context_length": 1024, "num_samples": 20, "window": 512, "num_windows": 8}
 TINY_SIZES = {"context_length": 256, "num_samples": 6, "window": 256, "num_windows": 4}
+RESULT_FILES = ("results.json", "results.csv", "results.png", "results.md")
+MASK_FILE = "channels.safetensors"  # the mask calibrated now, when the model ships none
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `doublesparse run`."""
-    parser.add_argument("--out-dir", default="./doublesparse-run",
-                        help="folder for results.json, results.csv, results.png")
+    parser.add_argument(
+        "--out-dir", default="./doublesparse-run", help="folder for results.json, results.csv, results.png"
+    )
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods to compare")
     parser.add_argument("--sparsity", default=DEFAULT_SPARSITIES, help="comma-separated token budgets (fractions)")
     parser.add_argument("--num-samples", type=int, default=None, help="retrieval prompts per setting (default: job's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the random-channel ablation")
-    parser.add_argument("--tiny", action="store_true",
-                        help="use the tiny random-weight model even if the bundled one exists")
+    parser.add_argument(
+        "--tiny", action="store_true", help="use the tiny random-weight model even if the bundled one exists"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -61,6 +65,8 @@ def job_settings(args: argparse.Namespace, model: str, out_dir: Path) -> EvalSet
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate (or load the shipped mask), evaluate every method, print the table, write the outputs."""
+    from doublesparse.output_paths import check_output_folder, write_text
+
     from ..harness.plan import plan_evaluation
     from ..harness.results import format_markdown
     from ..harness.runner import execute_plan
@@ -72,13 +78,20 @@ def run(args: argparse.Namespace) -> int:
     use_bundled = bundled_model_present() and not args.tiny
     model = "bundled" if use_bundled else "tiny-random"
     if not use_bundled:
-        reason = ("--tiny was given" if args.tiny else
-                  "the bundled trained model is not installed (doublesparse/assets/default_model has no weights)")
-        print(f"NOTE: {reason}: running on a tiny model with RANDOM weights. The pipeline runs end to end, "
-              "but the figures below say nothing about Double Sparsity.")
+        reason = (
+            "--tiny was given"
+            if args.tiny
+            else "the bundled trained model is not installed (doublesparse/assets/default_model has no weights)"
+        )
+        print(
+            f"NOTE: {reason}: running on a tiny model with RANDOM weights. The pipeline runs end to end, "
+            "but the figures below say nothing about Double Sparsity."
+        )
     plan = plan_evaluation(job_settings(args, model, out_dir))
+    mask_out = out_dir / MASK_FILE if plan.channels == CALIBRATE else None
+    outputs = RESULT_FILES + ((MASK_FILE,) if mask_out else ())
+    check_output_folder(out_dir, "--out-dir", outputs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mask_out = out_dir / "channels.safetensors" if plan.channels == CALIBRATE else None
     command = ["doublesparse", "run"] + (sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "run" else [])
     document = execute_plan(plan, progress=not args.no_progress, command=command, mask_out=mask_out)
     elapsed = time.perf_counter() - started
@@ -86,11 +99,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"channels: {document['channels'].get('source')}")
     print(document["table"])
     table = format_markdown(document["results"])
-    (out_dir / "results.md").write_text(
-        f"Model: {plan.source.description}\n\nCommand: `{' '.join(command)}`\n\n{table}\n", encoding="utf-8"
-    )
-    outputs = ("results.json", "results.csv", "results.png", "results.md")
-    outputs += ("channels.safetensors",) if mask_out else ()
+    markdown = f"Model: {plan.source.description}\n\nCommand: `{' '.join(command)}`\n\n{table}\n"
+    write_text(out_dir / "results.md", markdown)
     for name in outputs:
         print(f"wrote {out_dir / name}")
     print(f"main job took {elapsed:.0f} s")

@@ -16,6 +16,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
 
+from doublesparse.output_paths import atomic_write, save_figure, write_text
+
 from .budgets import sparsity_label
 from .plan import GridSpec
 
@@ -28,7 +30,9 @@ def environment() -> dict[str, Any]:
     import doublesparse
 
     versions = {
-        "doublesparse": doublesparse.__version__, "torch": torch.__version__, "transformers": transformers.__version__
+        "doublesparse": doublesparse.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
     }
     for optional in ("lm_eval", "datasets"):
         module = sys.modules.get(optional)
@@ -43,7 +47,10 @@ def environment() -> dict[str, Any]:
 
 
 def results_document(
-    rows: list[dict[str, Any]], spec: GridSpec, model_info: dict[str, Any], channels_info: dict[str, Any],
+    rows: list[dict[str, Any]],
+    spec: GridSpec,
+    model_info: dict[str, Any],
+    channels_info: dict[str, Any],
     command: Sequence[str],
 ) -> dict[str, Any]:
     """Everything a result file holds: rows plus the settings that reproduce them."""
@@ -59,8 +66,12 @@ def results_document(
         "sparsities": spec.sparsities,
         "methods": {m.name: {"description": m.description, "settings": m.settings()} for m in spec.methods},
         "tasks": {
-            t.name: {"metric": t.metric, "higher_is_better": t.higher_is_better, "teacher_forced": t.teacher_forced,
-                     "settings": t.settings()}
+            t.name: {
+                "metric": t.metric,
+                "higher_is_better": t.higher_is_better,
+                "teacher_forced": t.teacher_forced,
+                "settings": t.settings(),
+            }
             for t in spec.tasks
         },
         "environment": environment(),
@@ -70,13 +81,16 @@ def results_document(
 
 
 def write_json(document: dict[str, Any], path: Path) -> None:
-    """Write the result document as indented JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    """Write the result document as indented JSON, atomically."""
+    write_text(path, json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path, seed: int, model_name: str) -> None:
     """One CSV line per run, with the seed, model and config needed to reproduce it."""
+    atomic_write(path, lambda tmp: _write_csv(rows, Path(tmp), seed, model_name))
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path, seed: int, model_name: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = ["task", "method", "sparsity", "sparsity_label", "metric", "value", "seconds", "seed", "model", "config"]
     with path.open("w", newline="", encoding="utf-8") as handle:
@@ -164,6 +178,7 @@ def plot_results(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     axes[0][-1].legend(fontsize=8, loc="best")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        save_figure(figure, path)  # atomically, in the format the suffix names
+    finally:
+        plt.close(figure)

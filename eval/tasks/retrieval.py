@@ -66,7 +66,10 @@ class RetrievalTask(Task):
             correct += right == len(answer_ids)
             answer_tokens_right += right
         total_tokens = sum(len(a) for _, a in self.samples)
-        return {"accuracy": correct / len(self.samples), "answer_token_accuracy": answer_tokens_right / max(total_tokens, 1)}
+        return {
+            "accuracy": correct / len(self.samples),
+            "answer_token_accuracy": answer_tokens_right / max(total_tokens, 1),
+        }
 
 
 def greedy_answer_tokens_right(model, prompt_ids: list[int], answer_ids: list[int], device: torch.device) -> int:
@@ -102,3 +105,7 @@ class PasskeyTask(RetrievalTask):
 
     name = "passkey"
     synthetic_task = "passkey"
+
+    def __init__(self, num_samples: int = 20, context_length: int = 1024) -> None:
+        # Its prompts are sized in tokens only: kv_retrieval's num_lines is not an option of this task.
+        super().__init__(num_samples, context_length)
