@@ -15,7 +15,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from doublesparse.channels import KINDS, ChannelMask, rank_statistic
+from doublesparse.architectures import partial_rotary_factor, rope_pairs
+from doublesparse.channels import KINDS, ChannelMask, RopePairs, rank_statistic
 from doublesparse.layout import HeadLayout, shape_fingerprint
 from doublesparse.patch import is_patched
 from doublesparse.sharding import gather_head_rows, head_shards, local_layout
@@ -79,7 +80,8 @@ def calibrate_blocks(
     check_settings(kind=kind, batch_size=batch_size)
     layout, modules = check_model(model)
     input_ids, attention_mask = _check_blocks(model, input_ids, attention_mask)
-    pair_dim = rope_pair_dim(model.config, layout.head_dim) if keep_rope_pairs else 0
+    # Where RoPE turns the key channels in pairs (MLA: its last channels; some models: adjacent ones).
+    pairs = rope_pairs(model.config, layout) if keep_rope_pairs else RopePairs()
     started = _start_time()
 
     # Under tensor parallelism each rank sees its own heads; their statistics are put back together.
@@ -97,7 +99,7 @@ def calibrate_blocks(
         "tokens": statistics.tokens,
         "kind": kind,
         "keep_rope_pairs": bool(keep_rope_pairs),
-        "rope_pair_dim": pair_dim,
+        **pairs.to_calibration(),
         # Where the model was loaded from is not recorded: its name and a hash of its shapes identify it.
         "model": layout.name,
         "model_fingerprint": shape_fingerprint(model.config),
@@ -106,7 +108,7 @@ def calibrate_blocks(
         "time": started,
     }
     return ChannelMask(
-        ranking=rank_statistic(means[kind], pair_dim),
+        ranking=rank_statistic(means[kind], pairs),
         kind=kind,
         layout=layout,
         per_kv_head=False,
@@ -136,13 +138,10 @@ def check_model(model: torch.nn.Module) -> tuple[HeadLayout, list[torch.nn.Modul
 
 
 def rope_pair_dim(config: Any, head_dim: int) -> int:
-    """Channels of a head that RoPE rotates in pairs (head_dim, or less with partial rotary)."""
+    """Channels of a head that RoPE rotates in pairs, counted from channel 0 (head_dim, or less with partial
+    rotary). Where they lie and how they pair is `doublesparse.architectures.rope_pairs`."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    rope = getattr(text, "rope_parameters", None) or {}
-    factor = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
-    if factor is None:
-        factor = getattr(text, "partial_rotary_factor", None) or 1.0
-    rotary = int(head_dim * float(factor))
+    rotary = int(head_dim * partial_rotary_factor(text))
     return rotary - rotary % 2
 
 

@@ -2,8 +2,11 @@
 
 A capture function is registered with the attention interface: it hands q and k (after RoPE, the
 space where channels are used at run time) to the `ChannelStatistics` attached to the attention module,
-then computes the real attention with transformers' SDPA path, so the forward pass is unchanged.
-Because it goes through the interface, every architecture that `doublesparse.apply` serves is served.
+then computes the real attention as the unpatched model does (transformers' SDPA path; with learned
+sinks or softcapping, the exact reference that keeps them), so the forward pass is unchanged. Its
+keyword arguments are checked as the runtime checks them: what doublesparse does not understand is
+refused by name. Because it goes through the interface, every architecture that `doublesparse.apply`
+serves is served.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import contextlib
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from doublesparse.attention_patch import attention_patched
+from doublesparse.step import dense_attention
+from doublesparse.support import check_attention_kwargs, check_head_sizes
 
 from .statistics import ChannelStatistics
 
@@ -32,11 +36,13 @@ def capture_attention(
     scaling: Optional[float] = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention-interface function: record q/k statistics, then attend exactly as SDPA does."""
+    """Attention-interface function: record q/k statistics, then attend exactly as the unpatched model does."""
+    check_attention_kwargs(module, kwargs, query.shape[1])
+    check_head_sizes(module, query, key, value)
     statistics: Optional[ChannelStatistics] = getattr(module, RECORDER_ATTRIBUTE, None)
     if statistics is not None:
         statistics.add(module.layer_idx, query, key)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return dense_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 @contextlib.contextmanager

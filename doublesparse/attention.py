@@ -4,10 +4,11 @@ transformers calls it for every attention layer after the cache update, with pos
 reads the layer's `LayerPlan` from the module, and the patch hands it the layer's cache layer
 (`LAYER_KWARG`) and, inside `generate`, the prompt's length (`PROMPT_KWARG`). Every call's keyword
 arguments are checked first (support.py): what doublesparse does not understand is refused by name,
-also on the dense paths, which would drop it too. Dense layers, training, and sliding-window calls
-attend densely; otherwise the cache layer runs the step it knows how to run (`SparseLayer.attend`:
-growing, preallocated or offloaded, see cache.py and offload/), and without a label cache the step
-makes labels from the keys it got.
+also on the dense paths, which would drop it too; learned sinks and softcapping are served on every path
+(step.py). Keys and values may have heads of their own sizes (multi-head latent attention). Dense layers,
+training, and sliding-window calls attend densely; otherwise the cache layer runs the step it knows how to
+run (`SparseLayer.attend`: growing, preallocated or offloaded, see cache.py and offload/), and without a
+label cache the step makes labels from the keys it got.
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ def double_sparse_attention(
     scaling: Optional[float] = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention-interface function: q [B, H_q, L, d], k/v [B, H_kv, T, d] -> ([B, L, H_q, d], None)."""
+    """Attention-interface function: q [B, H_q, L, d_k], k [B, H_kv, T, d_k], v [B, H_kv, T, d_v] -> ([B, L, H_q, d_v],
+    None)."""
     layer = kwargs.pop(LAYER_KWARG, None)
     prompt_rows = kwargs.pop(PROMPT_KWARG, None)
-    check_attention_kwargs(module, kwargs)
+    check_attention_kwargs(module, kwargs, query.shape[1])
     check_head_sizes(module, query, key, value)
     call = AttentionCall(module, query, key, value, attention_mask, dropout, scaling, kwargs, prompt_rows)
     plan: Optional[LayerPlan] = getattr(module, PLAN_ATTRIBUTE, None)

@@ -10,6 +10,12 @@ back to the host, and can be compiled and captured in a CUDA graph.
 
 Both are `SparseLayer`s: they run their layer's attention step (label_attention.py) with what they
 hold, so the attention function needs to know nothing about them.
+
+Multi-head latent attention (DeepSeek-V2/V3 as transformers implements it) caches the compressed latents,
+not keys: `update` receives the latent and the shared RoPE key, and the attention module expands the
+whole cache into per-head keys and values before each attention call. Labels must be made of those
+keys, so such layers (`labels_from_attention=True`) label, in `attend`, the keys of the tokens `update`
+stored since the last call.
 """
 
 from __future__ import annotations
@@ -30,28 +36,40 @@ from .step import AttentionCall, SparseLayer
 class LabelCacheLayer(SparseLayer, DynamicLayer):
     """A dynamic KV layer that also stores the labels of its keys."""
 
-    def __init__(self, channels: torch.Tensor, label_bits: int, backend: str = "auto") -> None:
+    def __init__(
+        self, channels: torch.Tensor, label_bits: int, backend: str = "auto", labels_from_attention: bool = False
+    ) -> None:
         super().__init__()
         self.channels = channels
         self.label_bits = label_bits
         self.backend = backend
+        self.labels_from_attention = labels_from_attention
         self._label_backend: Optional[str] = None
         self.labels: Optional[Labels] = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Append keys, values and the new keys' labels; return the whole keys and values."""
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self._label_backend is None or self.channels.device != key_states.device:
-            self.channels = self.channels.to(key_states.device)
-            self._label_backend = resolve_backend(self.backend, key_states.device)  # once, on the keys' device
-        with torch.no_grad():  # labels only score tokens for the selection
-            new = make_labels(key_states, self.channels, self.label_bits, self._label_backend)
-        self.labels = new if self.labels is None else Labels(*(_cat(a, b) for a, b in zip(self.labels, new)))
+        if not self.labels_from_attention:
+            self._append_labels(key_states)
         return keys, values
 
     def attend(self, call: AttentionCall, plan: LayerPlan) -> tuple[torch.Tensor, None]:
         """The Double Sparsity step over this layer's keys, scored from its labels."""
+        if self.labels_from_attention:
+            # The call's keys are the expanded cache, oldest first: label those not labelled yet.
+            labelled = 0 if self.labels is None else self.labels.codes.shape[2]
+            if call.key.shape[2] > labelled:
+                self._append_labels(call.key[:, :, labelled:])
         return attend_over_labels(call, plan, self.labels)
+
+    def _append_labels(self, new_keys: torch.Tensor) -> None:
+        if self._label_backend is None or self.channels.device != new_keys.device:
+            self.channels = self.channels.to(new_keys.device)
+            self._label_backend = resolve_backend(self.backend, new_keys.device)  # once, on the keys' device
+        with torch.no_grad():  # labels only score tokens for the selection
+            new = make_labels(new_keys, self.channels, self.label_bits, self._label_backend)
+        self.labels = new if self.labels is None else Labels(*(_cat(a, b) for a, b in zip(self.labels, new)))
 
     def _map_labels(self, fn) -> None:
         if self.labels is not None:
@@ -65,7 +83,11 @@ class LabelCacheLayer(SparseLayer, DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest tokens (a negative count, as DynamicLayer.crop takes)."""
         super().crop(tokens_to_remove)
-        if tokens_to_remove < 0:
+        if self.labels_from_attention:
+            # Labels may lag the stored tokens (made at the next attention call): keep those of kept tokens.
+            kept = self.get_seq_length()
+            self._map_labels(lambda t: t[:, :, :kept])
+        elif tokens_to_remove < 0:
             self._map_labels(lambda t: t[:, :, :tokens_to_remove])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -107,7 +129,12 @@ class DoubleSparseCache(DynamicCache):
     """
 
     def __init__(
-        self, model_config: Any, layer_channels: dict[int, torch.Tensor], label_bits: int, backend: str = "auto"
+        self,
+        model_config: Any,
+        layer_channels: dict[int, torch.Tensor],
+        label_bits: int,
+        backend: str = "auto",
+        labels_from_attention: bool = False,
     ):
         # transformers picks each layer's kind (full, sliding, chunked) from the config; only full
         # attention layers that Double Sparsity serves are swapped for label layers.
@@ -117,7 +144,7 @@ class DoubleSparseCache(DynamicCache):
                 raise ValueError(
                     f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers get labels"
                 )
-            self.layers[index] = LabelCacheLayer(channels, label_bits, backend)
+            self.layers[index] = LabelCacheLayer(channels, label_bits, backend, labels_from_attention)
 
     def labels(self, layer_idx: int) -> Optional[Labels]:
         """The labels of layer `layer_idx`, or None where that layer keeps none."""
@@ -151,13 +178,17 @@ class StaticLabelLayer(SparseLayer, StaticLayer):
         label_bits: int,
         backend: str = "auto",
         scratch: Optional[Scratch] = None,
+        labels_from_attention: bool = False,
     ) -> None:
         super().__init__(max_cache_len=max_cache_len)
         self.channels = channels
         self.label_bits = label_bits
         self.backend = backend
+        self.labels_from_attention = labels_from_attention
         self._label_backend: Optional[str] = None
         self.labels: Optional[Labels] = None
+        # With labels_from_attention: the positions `update` wrote that no attention call has labelled yet.
+        self._unlabelled: Optional[torch.Tensor] = None
         # Temporaries of the torch decode path, shared by the cache's layers (they run one after another).
         self.scratch = scratch if scratch is not None else Scratch()
 
@@ -166,8 +197,12 @@ class StaticLabelLayer(SparseLayer, StaticLayer):
         super().lazy_initialization(key_states, value_states)
         self.channels = self.channels.to(self.device)
         self._label_backend = resolve_backend(self.backend, self.device)  # once, on the buffers' device
+        if not self.labels_from_attention:  # otherwise sized from the first attention call's keys
+            self._allocate_labels(key_states)
+
+    def _allocate_labels(self, keys: torch.Tensor) -> None:
         # Shapes and dtypes of one token's labels, taken from the label op itself.
-        sample = make_labels(key_states[:, :, :1], self.channels, self.label_bits, self._label_backend)
+        sample = make_labels(keys[:, :, :1], self.channels, self.label_bits, self._label_backend)
         self.labels = Labels(
             *(
                 None
@@ -187,27 +222,41 @@ class StaticLabelLayer(SparseLayer, StaticLayer):
             self.lazy_initialization(key_states, value_states)
         positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
         keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.labels_from_attention:
+            pending = self._unlabelled
+            self._unlabelled = positions if pending is None else torch.cat([pending, positions])
+        else:
+            self._write_labels(key_states, positions)
+        return keys, values
+
+    def _write_labels(self, new_keys: torch.Tensor, positions: torch.Tensor) -> None:
         with torch.no_grad():  # labels only score tokens for the selection
-            new = make_labels(key_states, self.channels, self.label_bits, self._label_backend)
+            new = make_labels(new_keys, self.channels, self.label_bits, self._label_backend)
             for buffer, part in zip(self.labels, new):
                 if buffer is not None:
                     buffer.index_copy_(2, positions, part)
-        return keys, values
 
     def attend(self, call: AttentionCall, plan: LayerPlan) -> tuple[torch.Tensor, None]:
         """The Double Sparsity step over the preallocated buffers: fixed slots, temporaries from the scratch."""
+        if self.labels_from_attention and self._unlabelled is not None:
+            # The call's keys are the whole expanded buffer: label the positions written since the last call.
+            if self.labels is None:
+                self._allocate_labels(call.key)
+            self._write_labels(call.key.index_select(2, self._unlabelled), self._unlabelled)
+            self._unlabelled = None
         return attend_over_labels(call, plan, self.labels, self.cumulative_length, self.scratch)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch for beam search, in place."""
         if self.is_initialized:
-            for buffer in (self.keys, self.values, *self.labels):
+            for buffer in (self.keys, self.values, *(self.labels or ())):
                 if buffer is not None:
                     buffer.copy_(buffer.index_select(0, beam_idx.to(buffer.device)))
 
     def reset(self) -> None:
         """Zero keys, values and labels, keeping the buffers."""
         super().reset()
+        self._unlabelled = None
         if self.labels is not None:
             for buffer in self.labels:
                 if buffer is not None:
@@ -231,6 +280,7 @@ class StaticDoubleSparseCache(StaticCache):
         layer_channels: dict[int, torch.Tensor],
         label_bits: int,
         backend: str = "auto",
+        labels_from_attention: bool = False,
     ):
         super().__init__(config=model_config, max_cache_len=max_cache_len)
         self.scratch = Scratch()
@@ -239,7 +289,9 @@ class StaticDoubleSparseCache(StaticCache):
                 raise ValueError(
                     f"layer {index} is a {type(self.layers[index]).__name__}; only full-attention layers get labels"
                 )
-            self.layers[index] = StaticLabelLayer(max_cache_len, channels, label_bits, backend, self.scratch)
+            self.layers[index] = StaticLabelLayer(
+                max_cache_len, channels, label_bits, backend, self.scratch, labels_from_attention
+            )
 
     labels = DoubleSparseCache.labels
     memory = DoubleSparseCache.memory

@@ -44,12 +44,21 @@ from .mask_files import (
     save_canonical,
     write_authors_json,
 )
-from .ranking import borda_reduce, rank_statistic, sum_groups
+from .ranking import RopePairs, borda_reduce, rank_statistic, sum_groups
 from .serving import sglang_classic_problem
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT_VERSION", "KINDS", "ChannelMask", "atomic_write", "borda_reduce", "content_hash", "rank_statistic"]
+__all__ = [
+    "FORMAT_VERSION",
+    "KINDS",
+    "ChannelMask",
+    "RopePairs",
+    "atomic_write",
+    "borda_reduce",
+    "content_hash",
+    "rank_statistic",
+]
 
 PathLike = Union[str, os.PathLike]
 AGAIN = "calibrate this model (doublesparse calibrate) or pass the mask made for it"
@@ -149,11 +158,7 @@ class ChannelMask:
 
     def check_statistics(self) -> None:
         """Raise ValueError unless the statistics have the ranking's shape, are finite and >= 0, and order it."""
-        pair_dim = self.calibration.get("rope_pair_dim", 0)
-        if isinstance(pair_dim, bool) or not isinstance(pair_dim, int):
-            raise ValueError(f"calibration rope_pair_dim must be an int, got {pair_dim!r}")
-        if pair_dim and (pair_dim % 2 or not 0 < pair_dim <= self.head_dim):
-            raise ValueError(f"calibration rope_pair_dim must be 0 or even and in [2, {self.head_dim}], got {pair_dim}")
+        pairs = self.rope_pairs
         for kind, stat in self.statistics.items():
             if kind not in KINDS:
                 raise ValueError(f"statistics of kind {kind!r}: kinds are {KINDS}")
@@ -169,17 +174,19 @@ class ChannelMask:
             if bool((stat < 0).any()):
                 raise ValueError(f"statistics.{kind} hold negative values (they are means of absolute values)")
         if self.kind in self.statistics:
-            self._check_ranking_follows(self.statistics[self.kind], pair_dim)
+            self._check_ranking_follows(self.statistics[self.kind], pairs)
 
-    def _check_ranking_follows(self, statistic: torch.Tensor, pair_dim: int) -> None:
+    @property
+    def rope_pairs(self) -> RopePairs:
+        """The RoPE pairs the ranking keeps together (recorded by calibration; none by default)."""
+        return RopePairs.from_calibration(self.calibration, self.head_dim)
+
+    def _check_ranking_follows(self, statistic: torch.Tensor, pairs: RopePairs) -> None:
         # Each channel scores as it was ranked: alone, or (RoPE pairs kept) by its pair's mean. Along
         # the ranking those scores may not rise, beyond float32 rounding (ties may go either way).
         score = statistic.double()
-        if pair_dim:
-            half = pair_dim // 2
-            partner = torch.arange(score.shape[-1])
-            partner[:pair_dim] = torch.cat([torch.arange(half, pair_dim), torch.arange(half)])
-            score = (score + score[..., partner]) / 2
+        if pairs.dim:
+            score = (score + score[..., pairs.partners(score.shape[-1])]) / 2
         ordered = score.gather(-1, self.ranking)
         rise = ordered[..., 1:] - ordered[..., :-1]
         disagree = (rise > 1e-5 * ordered[..., :-1].abs().clamp_min(1e-30)).any(dim=-1)
@@ -277,7 +284,7 @@ class ChannelMask:
             return replace(self, per_kv_head=True)
         stats = {k: sum_groups(v, group) for k, v in self.statistics.items()}
         if self.kind in stats:
-            ranking = rank_statistic(stats[self.kind], self.calibration.get("rope_pair_dim", 0))
+            ranking = rank_statistic(stats[self.kind], self.rope_pairs)
         else:
             ranking = borda_reduce(self.ranking, group)
         return replace(self, ranking=ranking, per_kv_head=True, statistics=stats)
@@ -288,7 +295,7 @@ class ChannelMask:
             return self
         if kind not in self.statistics:
             raise ValueError(f"this mask stores statistics for {sorted(self.statistics)}, not {kind!r}")
-        ranking = rank_statistic(self.statistics[kind], self.calibration.get("rope_pair_dim", 0))
+        ranking = rank_statistic(self.statistics[kind], self.rope_pairs)
         return replace(self, ranking=ranking, kind=kind)
 
     def concentration(self, num_channels: int) -> torch.Tensor:

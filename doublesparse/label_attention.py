@@ -73,6 +73,9 @@ def attend_over_labels(
     with torch.no_grad():  # the selection is discrete: nothing to differentiate
         if labels is None or labels.codes.shape[2] != length:
             labels = make_labels(key, channels, config.label_bits, backend)
+        # Scores stay uncapped even where the model softcaps its logits: tanh is increasing, so capping
+        # would not change which tokens rank highest (nor would the group's max, or a sink logit, which
+        # only adds the same term to every key's denominator). The exact attention below caps and sinks.
         scores = label_scores(
             gather_query_channels(query, channels),
             labels,
@@ -85,12 +88,14 @@ def attend_over_labels(
         indices, slot_valid = select_tokens(
             scores, valid, budgets, config.sink_tokens, config.recent_tokens, max_budget, backend, scratch
         )
+    extras = call.extras
     if rows > 1:
-        out = masked_attention_reference(query, key, value, selection_mask(indices, slot_valid, length), scaling)
+        selected = selection_mask(indices, slot_valid, length)
+        out = masked_attention_reference(query, key, value, selected, scaling, **extras)
     elif needs_grad(query, key, value):
-        out = sparse_attention_reference(query, key, value, indices, slot_valid, scaling)
+        out = sparse_attention_reference(query, key, value, indices, slot_valid, scaling, **extras)
     else:
-        out = sparse_attention(query, key, value, indices, slot_valid, scaling, backend, scratch)
+        out = sparse_attention(query, key, value, indices, slot_valid, scaling, backend, scratch, **extras)
     return out.transpose(1, 2).contiguous(), None
 
 

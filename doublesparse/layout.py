@@ -1,5 +1,10 @@
 """`HeadLayout`: the attention shape of a model, read from its config (no weights needed).
 
+Multi-head latent attention (DeepSeek-V2/V3 and the MLA models built like them) attends with keys of
+`qk_nope_head_dim + qk_rope_head_dim` channels, one per query head, and values of `v_head_dim`:
+`head_dim` is the key size (what channels are ranked over and labels are made of), `value_head_dim`
+the value size where it differs.
+
 A model is named by the last part of its config's `_name_or_path` (the hub name, or the folder's
 name), and identified across machines by `shape_fingerprint`, a hash of the config sizes that fix its
 weights' shapes: neither depends on where the model was loaded from.
@@ -10,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional
 
 # Config fields that fix the shapes of a decoder's weights (those a config lacks count as None).
 SHAPE_FIELDS = (
@@ -27,9 +32,14 @@ SHAPE_FIELDS = (
 )
 
 
+# Config fields of multi-head latent attention.
+MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
 @dataclass(frozen=True)
 class HeadLayout:
-    """Layers, heads and head_dim of a decoder, plus which layers use a sliding window."""
+    """Layers, heads and head_dim (the key size) of a decoder, which layers use a sliding window, and the
+    value size where it differs from the key size (None: the same)."""
 
     num_layers: int
     num_heads: int
@@ -38,6 +48,12 @@ class HeadLayout:
     model_type: str = ""
     name: str = ""
     sliding_layers: tuple[int, ...] = ()
+    value_head_dim: Optional[int] = None
+
+    @property
+    def value_dim(self) -> int:
+        """Channels of a value head."""
+        return self.head_dim if self.value_head_dim is None else self.value_head_dim
 
     @property
     def group_size(self) -> int:
@@ -58,6 +74,13 @@ class HeadLayout:
             ) from error
         num_kv_heads = int(getattr(text, "num_key_value_heads", None) or num_heads)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+        value_head_dim = None
+        if is_mla(text):
+            # The attention expands the latent into one key and one value per query head.
+            num_kv_heads = num_heads
+            head_dim = int(text.qk_nope_head_dim) + int(text.qk_rope_head_dim)
+            if int(text.v_head_dim) != head_dim:
+                value_head_dim = int(text.v_head_dim)
         return cls(
             num_layers=num_layers,
             num_heads=num_heads,
@@ -66,13 +89,22 @@ class HeadLayout:
             model_type=str(getattr(text, "model_type", "")),
             name=model_name(config),
             sliding_layers=_sliding_layers(text, num_layers),
+            value_head_dim=value_head_dim,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form."""
+        """JSON form (`value_head_dim` only where it differs from head_dim)."""
         data = asdict(self)
         data["sliding_layers"] = list(self.sliding_layers)
+        if self.value_head_dim is None:
+            del data["value_head_dim"]
         return data
+
+
+def is_mla(config: Any) -> bool:
+    """Whether a (text) config describes multi-head latent attention: all of MLA's size fields are set."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return all(isinstance(getattr(text, field, None), int) for field in MLA_FIELDS)
 
 
 def model_name(config: Any) -> str:

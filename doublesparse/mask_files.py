@@ -309,7 +309,7 @@ def _layout_fields(path: Path, layout: Any) -> dict[str, Any]:
     missing = [key for key in _REQUIRED_LAYOUT if key not in layout]
     if missing:
         raise ValueError(f"{where} lacks {missing} (it has {sorted(layout)}): the file is incomplete or corrupt")
-    unknown = sorted(set(layout) - set(_REQUIRED_LAYOUT) - set(_OPTIONAL_LAYOUT))
+    unknown = sorted(set(layout) - set(_REQUIRED_LAYOUT) - set(_OPTIONAL_LAYOUT) - {"value_head_dim"})
     if unknown:
         raise ValueError(f"{where} has unknown fields {unknown}")
     fields: dict[str, Any] = {}
@@ -323,6 +323,11 @@ def _layout_fields(path: Path, layout: Any) -> dict[str, Any]:
         if not isinstance(value, kind):
             raise ValueError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
         fields[key] = value
+    if "value_head_dim" in layout:  # recorded only where values and keys differ in size (MLA)
+        value = layout["value_head_dim"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: value_head_dim must be a positive int, got {value!r}")
+        fields["value_head_dim"] = value
     sliding = fields["sliding_layers"]
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < fields["num_layers"] for i in sliding):
         raise ValueError(f"{where}: sliding_layers must be layer indices below {fields['num_layers']}, got {sliding!r}")

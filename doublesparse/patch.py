@@ -31,7 +31,7 @@ from .attention_patch import AttentionPatch, patch_attention
 from .cache import DoubleSparseCache, StaticDoubleSparseCache, is_empty_cache
 from .channels import ChannelMask
 from .config import SparsityConfig
-from .layout import HeadLayout, shape_fingerprint
+from .layout import HeadLayout, is_mla, shape_fingerprint
 from .offload import OffloadCache, Prefetcher, host_kv_bytes, install_prefetch_hooks, query_predictors
 from .plan import LayerPlan, layer_plans
 from .sharding import HeadShard, head_shards, local_layout
@@ -86,6 +86,12 @@ def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[Spars
         raise ValueError(f"this model is already patched{switched}: call doublesparse.remove(model) first")
     layout = HeadLayout.from_config(model.config)
     modules = check_supported(model, layout)
+    if config.offload and is_mla(model.config):
+        raise ValueError(
+            f"{type(model).__name__} uses multi-head latent attention, which SparsityConfig(offload=True) does not "
+            "serve: transformers caches the compressed latents and expands the whole cache into keys and values "
+            "on the device before every attention call, so they cannot stay in host memory; use offload=False"
+        )
     mask = channels if isinstance(channels, ChannelMask) else ChannelMask.load(channels, layout=layout)
     shards = head_shards(model, modules, layout)  # the heads this rank holds, under tensor parallelism
     mask = _mask_for_model(mask, layout, shape_fingerprint(model.config), shards)
@@ -103,7 +109,7 @@ def apply(model: torch.nn.Module, channels: ChannelsLike, config: Optional[Spars
         for module in modules:
             patch.hooks.append(module.register_forward_pre_hook(_attention_inputs_hook(state), with_kwargs=True))
         if predictors is not None:
-            patch.hooks.extend(install_prefetch_hooks(predictors, plans))
+            patch.hooks.extend(install_prefetch_hooks(predictors, plans, layout.sliding_layers))
         patch.hooks.append(_decoder(model).register_forward_pre_hook(_label_cache_hook(model), with_kwargs=True))
         if callable(getattr(model, "generate", None)):
             patch.hooks.append(_GenerateWrapper(model))
@@ -213,9 +219,13 @@ def make_cache(
     layer_channels = {i: plan.channels for i, plan in state.plans.items() if not plan.dense}
     if config.offload:
         return _offload_cache(model, state, layer_channels, max_cache_len, batch_size, measure_recall)
+    # An MLA model caches latents, not keys: its label layers label the keys each attention call expands.
+    latents = is_mla(model.config)
     if max_cache_len is None:
-        return DoubleSparseCache(model.config, layer_channels, config.label_bits, config.backend)
-    return StaticDoubleSparseCache(model.config, max_cache_len, layer_channels, config.label_bits, config.backend)
+        return DoubleSparseCache(model.config, layer_channels, config.label_bits, config.backend, latents)
+    return StaticDoubleSparseCache(
+        model.config, max_cache_len, layer_channels, config.label_bits, config.backend, latents
+    )
 
 
 def _offload_cache(
@@ -235,7 +245,9 @@ def _offload_cache(
         batch = batch_size or 1
         layout = local_layout(state.layout, state.shards)
         dtype = next(model.parameters()).dtype
-        per_layer = host_kv_bytes(1, batch, layout.num_kv_heads, layout.head_dim, max_cache_len, dtype)
+        per_layer = host_kv_bytes(
+            1, batch, layout.num_kv_heads, layout.head_dim, max_cache_len, dtype, value_dim=layout.value_dim
+        )
         sizes = {i: per_layer for i in layer_channels}
         what = f"{len(layer_channels)} layers x batch {batch} x {max_cache_len} tokens"
         if batch_size is None:

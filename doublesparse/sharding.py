@@ -109,6 +109,7 @@ def local_layout(layout: HeadLayout, shards: Optional[dict[int, HeadShard]]) -> 
         model_type=layout.model_type,
         name=layout.name,
         sliding_layers=layout.sliding_layers,
+        value_head_dim=layout.value_head_dim,
     )
 
 

@@ -6,21 +6,30 @@ and the model config, which is how transformers' attention classes look.
 
 What the attention function is handed is checked too. `UNDERSTOOD_ATTENTION_KWARGS` lists every
 keyword argument transformers passes to an attention function that doublesparse understands, in one
-place: anything else (learned sinks `s_aux`, logit `softcap`, packed-sequence lengths, whatever a new
-model adds) is refused by name, at `apply` where the model's config or modules already show it, and at
-every call as a net. An argument passed as None is a feature the model does not use, and is
-accepted. Verified against the calls of Llama, Mistral, Qwen2, Qwen3, Phi3, Mixtral and
-Gemma3 (forward, greedy, sampling, beam, static-cache and assisted generation, training) in
-transformers 5.17 and 5.23 (tests/test_bad_input.py records them).
+place; `SERVED_ATTENTION_KWARGS` those it computes with (learned sinks `s_aux`, logit `softcap`),
+checked by value at every call. Anything else (packed-sequence lengths, whatever a new model adds) is
+refused by name, at every call, dense paths included. An argument passed as None is a feature the
+model does not use, and is accepted. Verified against the calls of every architecture of the tested
+matrix (architectures.py; forward, greedy, sampling, beam, static-cache and assisted generation,
+training) in transformers 5.17 and 5.23 (tests/test_bad_input.py records them). A model whose type is
+outside the matrix is served where its calls pass these checks, with a warning that names it untested.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import logging
+import math
+from typing import Any, Mapping, Optional
 
 import torch
 
+from .architectures import TESTED, tested_architecture
 from .layout import HeadLayout
+
+logger = logging.getLogger(__name__)
+
+# Model types already warned about as untested in this process: the note is given once.
+_WARNED_UNTESTED: set[str] = set()
 
 # Keyword arguments understood with any value, and why they do not change what doublesparse computes.
 UNDERSTOOD_ATTENTION_KWARGS: dict[str, str] = {
@@ -39,11 +48,15 @@ ATTENTION_KWARG_VALUES: dict[str, tuple[Any, ...]] = {
     "output_attentions": (None, False),  # no attention weights are computed
 }
 
+# Keyword arguments doublesparse computes with, checked by value at every call (`served_extras`).
+SERVED_ATTENTION_KWARGS: dict[str, str] = {
+    "s_aux": "learned attention sinks (gpt-oss): one logit per query head in every softmax denominator",
+    "softcap": "attention logit softcapping (Gemma2): tanh(logits / softcap) * softcap before the softmax",
+}
+
 # What refused keyword arguments are, for the error message.
 KNOWN_UNSUPPORTED = {
-    "s_aux": "learned attention sinks",
-    "sinks": "learned attention sinks",
-    "softcap": "attention logit softcapping",
+    "sinks": "attention sinks in a form other than gpt-oss's s_aux",
     "cu_seq_lens_q": "packed (varlen) sequences",
     "cu_seq_lens_k": "packed (varlen) sequences",
     "max_length_q": "packed (varlen) sequences",
@@ -53,8 +66,9 @@ KNOWN_UNSUPPORTED = {
     "output_attentions": "returning attention weights",
 }
 
-# Config fields of multi-head latent attention (DeepSeek-V2/V3): keys and values of other head sizes.
-MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+# Attributes of an attention module that project the queries (alone, or fused with keys and values).
+QUERY_PROJECTIONS = ("q_proj", "qkv_proj", "query_key_value")
 
 
 def attention_modules(model: torch.nn.Module, layout: HeadLayout) -> list[torch.nn.Module]:
@@ -62,7 +76,7 @@ def attention_modules(model: torch.nn.Module, layout: HeadLayout) -> list[torch.
     found: dict[int, torch.nn.Module] = {}
     for _, module in model.named_modules():
         index = getattr(module, "layer_idx", None)
-        is_attention = any(hasattr(module, p) for p in ("q_proj", "qkv_proj")) and hasattr(module, "config")
+        is_attention = any(hasattr(module, p) for p in QUERY_PROJECTIONS) and hasattr(module, "config")
         if isinstance(index, int) and is_attention:
             if index in found:
                 raise ValueError(f"{type(model).__name__} has two attention modules for layer {index}: not supported")
@@ -84,52 +98,53 @@ def check_supported(model: torch.nn.Module, layout: HeadLayout) -> list[torch.nn
             f"{name} does not route attention through transformers' attention interface, so doublesparse cannot "
             "patch it"
         )
-    text = model.config.get_text_config(decoder=True)
-    mla = {field: getattr(text, field) for field in MLA_FIELDS if getattr(text, field, None) is not None}
-    if mla:
-        key_size = (mla.get("qk_nope_head_dim") or 0) + (mla.get("qk_rope_head_dim") or 0)
-        sizes = (
-            f" (key heads of {key_size} channels, value heads of {mla['v_head_dim']})" if "v_head_dim" in mla else ""
-        )
-        raise ValueError(
-            f"{name} uses multi-head latent attention (MLA: {', '.join(sorted(mla))}){sizes}, which doublesparse does "
-            "not serve yet: its labels and sparse attention assume keys and values of one head size"
-        )
-    for field in ("attn_logit_softcapping",):
-        if getattr(text, field, None) is not None:
-            raise ValueError(
-                f"{name} uses {field} (attention logit softcapping), which doublesparse does not implement"
-            )
     if layout.num_heads % layout.num_kv_heads:
         raise ValueError(f"{layout.num_heads} query heads do not split into {layout.num_kv_heads} KV groups")
     modules = attention_modules(model, layout)
     for module in modules:
         _check_attention_module(module)
+    _note_untested(model)
     return modules
 
 
 def _check_attention_module(module: torch.nn.Module) -> None:
-    name = type(module).__name__
-    if isinstance(getattr(module, "sinks", None), torch.Tensor):
+    sinks = getattr(module, "sinks", None)
+    if isinstance(sinks, torch.Tensor) and (sinks.dim() != 1 or not sinks.is_floating_point()):
+        name = type(module).__name__
         raise ValueError(
-            f"{name} has learned attention sinks ({name}.sinks, passed to the attention function as s_aux), which "
-            "doublesparse does not implement: its dense and sparse paths would drop them"
-        )
-    key, value = getattr(module, "k_proj", None), getattr(module, "v_proj", None)
-    key_width, value_width = getattr(key, "out_features", None), getattr(value, "out_features", None)
-    if key_width is not None and value_width is not None and key_width != value_width:
-        raise ValueError(
-            f"{name} projects keys to {key_width} and values to {value_width} features: doublesparse serves keys "
-            "and values of one head size"
+            f"{name}.sinks is a {sinks.dtype} tensor of shape {tuple(sinks.shape)}: doublesparse serves learned "
+            "sinks as gpt-oss has them, one float logit per query head"
         )
 
 
-def check_attention_kwargs(module: torch.nn.Module, kwargs: Mapping[str, Any]) -> None:
-    """Raise ValueError naming any keyword argument of an attention call that doublesparse does not understand."""
+def _note_untested(model: torch.nn.Module) -> None:
+    text = model.config.get_text_config(decoder=True)
+    model_type = str(getattr(text, "model_type", ""))
+    if tested_architecture(text) is not None or model_type in _WARNED_UNTESTED:
+        return
+    _WARNED_UNTESTED.add(model_type)
+    logger.warning(
+        "doublesparse: %s (model type %r) is not in the tested architecture matrix (%s): its attention calls pass "
+        "doublesparse's checks, but its results have not been compared with the dense model; run "
+        "tests/test_architectures.py's checks on it before trusting them (noted once per process)",
+        type(model).__name__,
+        model_type,
+        ", ".join(sorted(TESTED)),
+    )
+
+
+def check_attention_kwargs(module: torch.nn.Module, kwargs: Mapping[str, Any], num_heads: Optional[int] = None) -> None:
+    """Raise ValueError naming any keyword argument of an attention call that doublesparse does not understand.
+
+    `num_heads` (the call's query heads) is what a served `s_aux` must have one logit for.
+    """
     for key, value in kwargs.items():
         if key in UNDERSTOOD_ATTENTION_KWARGS:
             continue
         if value is None:  # the model passes the argument but does not use the feature
+            continue
+        if key in SERVED_ATTENTION_KWARGS:
+            _check_served(module, key, value, num_heads)
             continue
         if _one_of(value, ATTENTION_KWARG_VALUES.get(key, ())):
             continue
@@ -141,13 +156,31 @@ def check_attention_kwargs(module: torch.nn.Module, kwargs: Mapping[str, Any]) -
         )
 
 
+def _check_served(module: torch.nn.Module, key: str, value: Any, num_heads: Optional[int]) -> None:
+    name = type(module).__name__
+    if key == "s_aux":
+        heads = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() == 1 else None
+        if heads is None or not value.is_floating_point() or (num_heads is not None and heads != num_heads):
+            wanted = f"[{num_heads}]" if num_heads is not None else "[query heads]"
+            raise ValueError(
+                f"{name} passes s_aux={_short(value)} to the attention function: doublesparse serves learned sinks "
+                f"as one float logit per query head, shape {wanted}, and cannot tell what this one means"
+            )
+    elif key == "softcap":
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"{name} passes softcap={_short(value)} to the attention function: doublesparse serves logit "
+                "softcapping with a positive finite number (tanh(logits / softcap) * softcap)"
+            )
+
+
 def check_head_sizes(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-    """Raise ValueError unless queries, keys and values of an attention call share one head size."""
-    if not query.shape[-1] == key.shape[-1] == value.shape[-1]:
+    """Raise ValueError unless queries and keys share one head size (values may have their own, as in MLA)."""
+    if query.shape[-1] != key.shape[-1]:
         raise ValueError(
-            f"{type(module).__name__} attends with query, key and value heads of {query.shape[-1]}, {key.shape[-1]} "
-            f"and {value.shape[-1]} channels: doublesparse serves one head size (multi-head latent attention is not "
-            "served yet)"
+            f"{type(module).__name__} attends with query heads of {query.shape[-1]} channels and key heads of "
+            f"{key.shape[-1]}: doublesparse scores keys with the query's channels, so they must be the same size"
         )
 
 

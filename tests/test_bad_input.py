@@ -22,11 +22,18 @@ from safetensors.torch import save_file
 
 import doublesparse as ds
 from doublesparse.attention import double_sparse_attention
+from doublesparse.calibration import calibrate_blocks
 from doublesparse.channels import ChannelMask
 from doublesparse.layout import HeadLayout, shape_fingerprint
-from doublesparse.support import ATTENTION_KWARG_VALUES, UNDERSTOOD_ATTENTION_KWARGS, check_attention_kwargs
+from doublesparse.support import (
+    ATTENTION_KWARG_VALUES,
+    SERVED_ATTENTION_KWARGS,
+    UNDERSTOOD_ATTENTION_KWARGS,
+    attention_modules,
+    check_attention_kwargs,
+)
 
-from tiny_models import ARCHITECTURES, left_padded_batch, random_channel_mask, tiny_model
+from tiny_models import MATRIX, left_padded_batch, random_channel_mask, tiny_model
 
 SMALL = ds.SparsityConfig(num_channels=4, token_budget=3, label_bits=16)
 
@@ -38,37 +45,6 @@ def untouched(model) -> bool:
         and not any(hasattr(m, "_doublesparse_plan") for m in model.modules())
         and sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
     )
-
-
-def tiny_gpt_oss():
-    config = transformers.GptOssConfig(
-        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=64, vocab_size=128, num_local_experts=4, num_experts_per_tok=2,
-        layer_types=["full_attention"] * 2, sliding_window=None,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    # transformers serves gpt-oss with eager attention only (the sinks).
-    return transformers.GptOssForCausalLM._from_config(config, attn_implementation="eager").eval()
-
-
-def tiny_deepseek_v3():
-    config = transformers.DeepseekV3Config(
-        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
-        moe_intermediate_size=32, vocab_size=128, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
-        first_k_dense_replace=1,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.DeepseekV3ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
-
-
-def tiny_gemma3():
-    config = transformers.Gemma3TextConfig(
-        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=128, vocab_size=128, sliding_window=4, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.Gemma3ForCausalLM._from_config(config, attn_implementation="sdpa").eval()
 
 
 def mask_for(model) -> ChannelMask:
@@ -121,31 +97,51 @@ def refused(capsys, argv, message) -> None:
 # Attention keyword arguments doublesparse does not understand are refused by name.
 
 
-def test_1_learned_sinks_are_refused_at_apply():
-    model = tiny_gpt_oss()
-    with pytest.raises(ValueError, match=r"learned attention sinks .*s_aux"):
+def test_1_learned_sinks_are_served_and_sinks_of_the_wrong_shape_refused():
+    # gpt-oss passes its sinks as s_aux: served (tests/test_architectures.py checks the results); a sink
+    # tensor that is not one float logit per query head is refused by name, at apply and at the call.
+    model = tiny_model("gpt_oss")
+    with ds.patched(model, mask_for(model), SMALL), torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    module = model.model.layers[0].self_attn
+    call = (torch.randn(1, 4, 1, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), None)
+    for bad in (torch.zeros(3), torch.zeros(1, 4), torch.zeros(4, dtype=torch.int64)):
+        with pytest.raises(
+            ValueError, match=r"GptOssAttention passes s_aux=.*one float logit per query head, shape \[4\]"
+        ):
+            double_sparse_attention(module, *call, s_aux=bad)
+    model.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(4, 2))
+    with pytest.raises(ValueError, match=r"GptOssAttention.sinks is a torch.float32 tensor of shape \(4, 2\)"):
         ds.apply(model, mask_for(model))
     assert untouched(model)
-    with pytest.raises(ValueError, match="s_aux"):
-        ds.calibrate(model, None, ["some text"], num_samples=1, seq_len=8, progress=False)
 
 
-def test_1_logit_softcapping_is_refused_at_apply():
-    config = transformers.Gemma2Config(
-        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=128, vocab_size=128, attn_logit_softcapping=50.0,
-    )  # fmt: skip
-    model = transformers.Gemma2ForCausalLM._from_config(config, attn_implementation="eager").eval()
-    with pytest.raises(ValueError, match="attn_logit_softcapping"):
-        ds.apply(model, mask_for(model))
-    assert untouched(model)
+def test_1_logit_softcapping_is_served_and_a_bad_cap_refused():
+    model = tiny_model("gemma2")
+    with ds.patched(model, mask_for(model), SMALL), torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    module = model.model.layers[0].self_attn
+    call = (torch.randn(1, 4, 1, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), None)
+    for bad in (0.0, -2.0, float("inf"), "50", True):
+        with pytest.raises(ValueError, match=r"Gemma2Attention passes softcap=.* a positive finite number"):
+            double_sparse_attention(module, *call, softcap=bad)
+
+
+def test_1_sinks_or_softcap_with_attention_dropout_in_training_are_refused():
+    # The exact dense path that keeps sinks and softcapping has no dropout: training with it is refused.
+    model = tiny_model("gemma2", attention_dropout=0.1)
+    with ds.patched(model, mask_for(model), SMALL):
+        model.train()
+        with pytest.raises(ValueError, match=r"attention dropout \(0.1\) with learned sinks or softcapping"):
+            model(input_ids=torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]]))
 
 
 @pytest.mark.parametrize(
     "name, value, what",
     [
-        ("s_aux", torch.zeros(4), "learned attention sinks"),
-        ("softcap", 30.0, "softcapping"),
+        ("s_aux", torch.zeros(3), "one float logit per query head"),
+        ("sinks", torch.zeros(4), "sinks in a form other than gpt-oss's s_aux"),
+        ("softcap", -30.0, "a positive finite number"),
         ("cu_seq_lens_q", torch.tensor([0, 5]), "packed"),
         ("is_causal", False, "bidirectional"),
         ("a_feature_added_later", 1, "an attention feature"),
@@ -170,6 +166,7 @@ def test_1_kwargs_passed_as_none_and_understood_ones_pass():
     module = tiny_model("llama").model.layers[0].self_attn
     check_attention_kwargs(module, {"s_aux": None, "softcap": None, "is_causal": True, "output_attentions": False})
     check_attention_kwargs(module, {name: object() for name in UNDERSTOOD_ATTENTION_KWARGS})
+    check_attention_kwargs(module, {"s_aux": torch.zeros(4), "softcap": 50.0}, num_heads=4)
     with pytest.raises(ValueError, match="output_attentions"):
         check_attention_kwargs(module, {"output_attentions": True})
 
@@ -183,23 +180,31 @@ def test_1_output_attentions_is_refused():
 
 def _record_attention_kwargs(model, seen):
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask
+
+    from doublesparse.step import dense_attention
 
     def recording(module, query, key, value, attention_mask, **kwargs):
         seen.extend(kwargs.items())
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return dense_attention(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("doublesparse_test_recording", recording)
     AttentionMaskInterface.register("doublesparse_test_recording", sdpa_mask)
     model.set_attn_implementation("doublesparse_test_recording")
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES + ("gemma3",))
+# The special ones quick, the others with the slow tests (the matrix of test_architectures runs them all
+# through the check anyway).
+SPECIAL = ("llama", "gemma3_text", "gpt_oss", "gemma2", "deepseek_v3", "deepseek_v2")
+
+
+@pytest.mark.parametrize(
+    "arch", [arch if arch in SPECIAL else pytest.param(arch, marks=pytest.mark.slow) for arch in MATRIX]
+)
 def test_1_allowlist_covers_what_each_served_architecture_passes(arch):
     # Every keyword argument these models pass to an attention function, in every way they are run,
-    # is on the allowlist (or None): the matrix of test_dense_equivalence runs through the check too.
-    model = tiny_gemma3() if arch == "gemma3" else tiny_model(arch)
+    # is on the allowlist, served (sinks, softcap) or None.
+    model = tiny_model(arch)
     seen = []
     _record_attention_kwargs(model, seen)
     input_ids, attention_mask = left_padded_batch([9, 6])
@@ -214,9 +219,10 @@ def test_1_allowlist_covers_what_each_served_architecture_passes(arch):
     model.train()
     model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
     names = {name for name, _ in seen}
-    assert names <= set(UNDERSTOOD_ATTENTION_KWARGS) | set(ATTENTION_KWARG_VALUES) | {"dropout", "scaling"}
-    module = next(m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj"))
-    check_attention_kwargs(module, {k: v for k, v in seen if k not in ("dropout", "scaling")})
+    understood = set(UNDERSTOOD_ATTENTION_KWARGS) | set(ATTENTION_KWARG_VALUES) | set(SERVED_ATTENTION_KWARGS)
+    assert names <= understood | {"dropout", "scaling"}
+    module = attention_modules(model, HeadLayout.from_config(model.config))[0]
+    check_attention_kwargs(module, {k: v for k, v in seen if k not in ("dropout", "scaling")}, num_heads=4)
 
 
 def baselines():
@@ -227,42 +233,29 @@ def baselines():
     return [method for method in methods if isinstance(method, SelectiveMethod)]
 
 
-def gemma2_with_softcapping():
-    config = transformers.Gemma2Config(
-        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=128, vocab_size=128, attn_logit_softcapping=50.0,
-    )  # fmt: skip
-    return transformers.Gemma2ForCausalLM._from_config(config, attn_implementation="eager").eval()
-
-
-@pytest.mark.parametrize(
-    "build, message",
-    [
-        (tiny_gpt_oss, r"learned attention sinks \(GptOssAttention\.sinks, passed as s_aux\), which the evaluation"),
-        (gemma2_with_softcapping, r"attention logit softcapping \(attn_logit_softcapping\), which the evaluation"),
-    ],
-)
-def test_1_eval_baselines_refuse_sinks_and_softcapping_when_patching(build, message):
-    # The runtime may serve these (another branch makes it); the baselines' own attention computes neither.
-    model = build()
+@pytest.mark.parametrize("arch", ["gpt_oss", "gemma2"])
+def test_1_eval_baselines_serve_sinks_and_softcapping(arch):
+    # The baselines' selective attention computes them as the model's eager attention does
+    # (tests/test_architecture_paths.py checks the results): patching and running succeed.
+    model = tiny_model(arch)
     for method in baselines():
-        with pytest.raises(ValueError, match=message):
-            with method.patch(model, SMALL):
-                pass
-        assert model.config._attn_implementation == "eager", method.name  # nothing was patched
+        with torch.no_grad(), method.patch(model, SMALL, random_channel_mask(model)):
+            model(input_ids=torch.arange(3, 23)[None])
+        assert model.config._attn_implementation == "eager", method.name  # restored
 
 
 @pytest.mark.parametrize(
     "name, value, message",
     [
-        ("s_aux", torch.zeros(4), r"LlamaAttention passes s_aux \(learned attention sinks\) .* evaluation baselines"),
-        ("softcap", 30.0, r"passes softcap \(attention logit softcapping\) .* evaluation baselines"),
+        ("s_aux", torch.zeros(3), r"LlamaAttention passes s_aux=.*one float logit per query head, shape \[4\]"),
+        ("softcap", -30.0, r"LlamaAttention passes softcap=-30.0 .*a positive finite number"),
         ("cu_seq_lens_q", torch.tensor([0, 5]), r"passes cu_seq_lens_q=<tensor \(2,\)> \(packed"),
         ("a_feature_added_later", 1, r"LlamaAttention passes a_feature_added_later=1 \(an attention feature\)"),
     ],
 )
 def test_1_eval_baselines_check_every_attention_call(name, value, message):
-    # Before the fix the baselines' attention handed these to SDPA, which drops them: silently wrong.
+    # Before the fix the baselines' attention handed these to SDPA, which drops them: silently wrong. Sinks
+    # and softcaps that are not what gpt-oss and Gemma2 pass are refused like the runtime refuses them.
     model = tiny_model("llama")
     armed = []
 
@@ -457,37 +450,48 @@ def test_4_a_model_switched_to_another_attention_refuses_to_run_dense():
 
 
 # ---------------------------------------------------------------------------------------------- 6
-# Multi-head latent attention is refused before any work.
+# Multi-head latent attention is served (keys and values of their own sizes); what it cannot do is refused.
 
 
-def test_6_mla_is_refused_at_apply_and_calibration():
-    model = tiny_deepseek_v3()
-    with pytest.raises(ValueError, match=r"multi-head latent attention .*key heads of 48 channels, value heads of 32"):
-        ds.apply(model, mask_for(model))
+def test_6_mla_is_served_at_apply_and_calibration():
+    model = tiny_model("deepseek_v3")
+    layout = HeadLayout.from_config(model.config)
+    assert (layout.num_heads, layout.num_kv_heads, layout.head_dim, layout.value_dim) == (4, 4, 48, 32)
+    with ds.patched(model, mask_for(model), SMALL), torch.no_grad():
+        model.generate(torch.tensor([[5, 6, 7, 8, 9, 10]]), max_new_tokens=3, do_sample=False)
+    mask = calibrate_blocks(model, torch.randint(3, 128, (2, 12)), progress=False)
+    assert mask.ranking.shape == (2, 4, 48)
+
+
+def test_6_mla_in_offload_mode_is_refused_before_any_work():
+    model = tiny_model("deepseek_v3")
+    with pytest.raises(ValueError, match=r"DeepseekV3ForCausalLM uses multi-head latent attention.*offload=True"):
+        ds.apply(model, mask_for(model), SMALL.replace(offload=True))
     assert untouched(model)
-    with pytest.raises(ValueError, match="multi-head latent attention"):
-        ds.calibrate(model, None, ["some text"], num_samples=1, seq_len=8, progress=False)
 
 
-def test_6_keys_and_values_of_different_sizes_are_refused_at_the_call():
+def test_6_values_of_their_own_width_are_served_and_queries_unlike_keys_refused():
     module = tiny_model("llama").model.layers[0].self_attn
     query, key, value = torch.randn(1, 4, 1, 48), torch.randn(1, 2, 5, 48), torch.randn(1, 2, 5, 32)
-    with pytest.raises(ValueError, match="query, key and value heads of 48, 48 and 32 channels"):
-        double_sparse_attention(module, query, key, value, None)
+    out, _ = double_sparse_attention(module, query, key, value, None)
+    assert out.shape == (1, 1, 4, 32)
+    with pytest.raises(ValueError, match="query heads of 48 channels and key heads of 40"):
+        double_sparse_attention(module, query, key[..., :40], value, None)
 
 
-def test_6_eval_baselines_refuse_mla_when_patching_and_at_the_call():
-    model = tiny_deepseek_v3()
+def test_6_eval_baselines_serve_mla_and_refuse_queries_unlike_keys():
+    model = tiny_model("deepseek_v3")
     for method in baselines():
-        with pytest.raises(ValueError, match=r"multi-head latent attention \(MLA: kv_lora_rank.*evaluation baselines"):
-            with method.patch(model, SMALL):
-                pass
+        with torch.no_grad(), method.patch(model, SMALL, random_channel_mask(model)):
+            model(input_ids=torch.arange(3, 23)[None])
     from doublesparse.eval.methods.base import selective_attention
 
     module = tiny_model("llama").model.layers[0].self_attn
     query, key, value = torch.randn(1, 4, 1, 48), torch.randn(1, 2, 5, 48), torch.randn(1, 2, 5, 32)
-    with pytest.raises(ValueError, match="heads of 48, 48 and 32 channels .*: the evaluation baselines serve one head"):
-        selective_attention(module, query, key, value, None)
+    out, _ = selective_attention(module, query, key, value, None)
+    assert out.shape == (1, 1, 4, 32)
+    with pytest.raises(ValueError, match="query heads of 48 channels and key heads of 40"):
+        selective_attention(module, query, key[..., :40], value, None)
 
 
 # ---------------------------------------------------------------------------------------------- 7

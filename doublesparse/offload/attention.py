@@ -86,9 +86,11 @@ def _one_row_attention(
         selection = exact
         host_slots = selection.indices.shape[-1] * (selection.indices.shape[1] // heads)
         shape = (batch, heads, window + host_slots, head_dim)
-        keys, values = layer.owner.buffers_for(query.device).sync_views(shape, layer.window_keys.dtype, query.device)
-        indices = selection.indices.reshape(batch, heads, -1)
         keys_store, values_store = layer.host_store()
+        keys, values = layer.owner.buffers_for(query.device).sync_views(
+            shape, layer.window_keys.dtype, query.device, value_dim=values_store.shape[3]
+        )
+        indices = selection.indices.reshape(batch, heads, -1)
         gather_rows(keys_store, indices, keys[:, :, window:], backend)
         gather_rows(values_store, indices, values[:, :, window:], backend)
     keys[:, :, :window].copy_(layer.window_keys)
@@ -107,12 +109,13 @@ def _one_row_attention(
     )
     local = torch.cat([window_slots, own_slots], dim=1)[None, :, None, :].expand(batch, -1, 1, -1)
     slot_valid = torch.cat([selection.window_valid, selection.valid], dim=-1)
+    extras = call.extras
     if differentiable:
         # The copy buffers are reused by the next step: autograd keeps copies of this step's rows.
         with torch.enable_grad():
-            out = sparse_attention_reference(query, keys.clone(), values.clone(), local, slot_valid, scaling)
+            out = sparse_attention_reference(query, keys.clone(), values.clone(), local, slot_valid, scaling, **extras)
     else:
-        out = sparse_attention(query, keys, values, local, slot_valid, scaling, backend)
+        out = sparse_attention(query, keys, values, local, slot_valid, scaling, backend, **extras)
     if pending is not None and prefetcher is not None:
         prefetcher.release(pending)
     return out
@@ -138,7 +141,7 @@ def _multi_row_attention(
         heads = keys_store.shape[2]
         flat = indices.reshape(batch, heads, -1)
         keys = torch.empty(batch, heads, flat.shape[2], head_dim, dtype=keys_store.dtype, device=query.device)
-        values = torch.empty_like(keys)
+        values = keys.new_empty(batch, heads, flat.shape[2], values_store.shape[3])
         gather_rows(keys_store, flat, keys, backend)
         gather_rows(values_store, flat, values, backend)
     per_head = flat.shape[2] // (indices.shape[1] // heads)
@@ -146,6 +149,12 @@ def _multi_row_attention(
         torch.arange(per_head * (indices.shape[1] // heads), device=query.device).repeat(heads).view(indices.shape[1:])
     )
     out = sparse_attention_reference(
-        query, keys, values, local[None].expand(batch, -1, -1, -1), slot_valid, call.scaling
+        query,
+        keys,
+        values,
+        local[None].expand(batch, -1, -1, -1),
+        slot_valid,
+        call.scaling,
+        **call.extras,
     )
     return out.transpose(1, 2).contiguous()

@@ -67,7 +67,7 @@ class OffloadLayer(SparseLayer, HostStoredLayer):
         with torch.no_grad():
             token_major_keys = key_states.permute(2, 0, 1, 3).contiguous()
             token_major_values = value_states.permute(2, 0, 1, 3).contiguous()
-            self._grow_host_store(self.length + count, token_major_keys)
+            self._grow_host_store(self.length + count, token_major_keys, token_major_values)
             self.host_keys.append(token_major_keys)
             self.host_values.append(token_major_values)
             labels = make_labels(key_states, self.channels, self.config.label_bits, self.backend)
@@ -167,33 +167,36 @@ class DeviceBuffers:
         self.next_slot = 0
 
     @staticmethod
-    def _fit(current, shape, dtype, device):
+    def _fit(current, shape, value_dim, dtype, device):
+        value_dim = shape[3] if value_dim is None else value_dim
         if (
             current is not None
             and current[0].shape[2] >= shape[2]
             and tuple(current[0].shape[:2]) == tuple(shape[:2])
             and current[0].shape[3] == shape[3]
+            and current[1].shape[3] == value_dim
             and current[0].dtype == dtype
             and current[0].device == device
         ):
             return current
         # Grow by half again, so a fraction budget does not reallocate every step.
         slots = shape[2] if current is None else max(shape[2], current[0].shape[2] * 3 // 2)
-        full = (shape[0], shape[1], slots, shape[3])
-        return torch.empty(full, dtype=dtype, device=device), torch.empty(full, dtype=dtype, device=device)
+        keys = torch.empty((shape[0], shape[1], slots, shape[3]), dtype=dtype, device=device)
+        return keys, torch.empty((shape[0], shape[1], slots, value_dim), dtype=dtype, device=device)
 
-    def sync_views(self, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V views [B, H_kv, slots, d] for a synchronous copy."""
-        self.sync = self._fit(self.sync, shape, dtype, device)
+    def sync_views(self, shape, dtype, device, value_dim=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V views [B, H_kv, slots, d_k] and [B, H_kv, slots, d_v] (d_v: `value_dim`, else d_k) for a
+        synchronous copy."""
+        self.sync = self._fit(self.sync, shape, value_dim, dtype, device)
         return tuple(t[:, :, : shape[2]] for t in self.sync)
 
     def ring_views(
-        self, shape, dtype, device, before_realloc: Callable[[], None]
+        self, shape, dtype, device, before_realloc: Callable[[], None], value_dim=None
     ) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(slot, K view, V view) of the next ring slot."""
+        """(slot, K view, V view) of the next ring slot (values `value_dim` wide, else as the keys)."""
         slot = self.next_slot
         self.next_slot = 1 - slot
-        fitted = self._fit(self.ring[slot], shape, dtype, device)
+        fitted = self._fit(self.ring[slot], shape, value_dim, dtype, device)
         if fitted is not self.ring[slot] and self.ring[slot] is not None:
             before_realloc()
         self.ring[slot] = fitted

@@ -93,7 +93,13 @@ def host_kv_bytes(
     tokens: int,
     dtype: torch.dtype,
     pinned: Optional[bool] = None,
+    value_dim: Optional[int] = None,
 ) -> int:
-    """Host bytes of the offloaded K and V of `num_layers` layers holding `tokens` tokens."""
+    """Host bytes of the offloaded K and V of `num_layers` layers holding `tokens` tokens.
+
+    `head_dim` is the key width; `value_dim` the value width where it differs (None: the same).
+    """
     element = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * host_store_bytes(tokens, batch * num_kv_heads * head_dim * element, pinned)
+    keys = host_store_bytes(tokens, batch * num_kv_heads * head_dim * element, pinned)
+    values = host_store_bytes(tokens, batch * num_kv_heads * (value_dim or head_dim) * element, pinned)
+    return num_layers * (keys + values)

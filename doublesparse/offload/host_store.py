@@ -117,7 +117,7 @@ class HostStoredLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Take dtype and device from the first keys; reserve host memory for the whole cache."""
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.owner.reserve_host_memory(key_states)
+        self.owner.reserve_host_memory(key_states, value_states)
         self.is_initialized = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -161,20 +161,19 @@ class HostStoredLayer(CacheLayerMixin):
                 f"the cache was made for max_cache_len={limit} tokens; {needed} do not fit: make it larger"
             )
 
-    def _grow_host_store(self, needed: int, like: torch.Tensor) -> None:
-        """Room for `needed` tokens in the host K/V stores (rows like `like[0]`), within the cache's budget."""
+    def _grow_host_store(self, needed: int, keys_like: torch.Tensor, values_like: torch.Tensor) -> None:
+        """Room for `needed` tokens in the host K and V stores (rows like `keys_like[0]` and `values_like[0]`,
+        each of its own width), within the cache's budget."""
         if needed <= self.host_keys.capacity:
             return
         self._check_room(needed)
         limit = self.owner.max_cache_len
         capacity = limit if limit is not None else max(needed, 2 * self.host_keys.capacity, 256)
-        store_bytes = host_store_bytes(capacity, like[0].numel() * like.element_size())
-        self.owner.host_budget.reserve(
-            {self.layer_idx: 2 * store_bytes}, f"layer {self.layer_idx} at {capacity} tokens"
-        )
+        store_bytes = sum(host_store_bytes(capacity, t[0].numel() * t.element_size()) for t in (keys_like, values_like))
+        self.owner.host_budget.reserve({self.layer_idx: store_bytes}, f"layer {self.layer_idx} at {capacity} tokens")
         host = torch.device("cpu")
-        self.host_keys.reserve(capacity, like, host)
-        self.host_values.reserve(capacity, like, host)
+        self.host_keys.reserve(capacity, keys_like, host)
+        self.host_values.reserve(capacity, values_like, host)
 
 
 class HostStoredCache:
@@ -200,12 +199,14 @@ class HostStoredCache:
         """The layers whose K/V live in host memory, in order."""
         return [layer for layer in self.layers if isinstance(layer, HostStoredLayer)]
 
-    def reserve_host_memory(self, key_states: torch.Tensor) -> None:
+    def reserve_host_memory(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """With a preallocated length, reserve (and check) host memory for every layer at once."""
         if self.max_cache_len is None:
             return
         batch, heads, _, head_dim = key_states.shape
-        per_layer = host_kv_bytes(1, batch, heads, head_dim, self.max_cache_len, key_states.dtype)
+        per_layer = host_kv_bytes(
+            1, batch, heads, head_dim, self.max_cache_len, key_states.dtype, value_dim=value_states.shape[-1]
+        )
         layers = self.offload_layers()
         self.host_budget.reserve(
             {layer.layer_idx: per_layer for layer in layers},

@@ -123,16 +123,23 @@ def query_predictors(
 
 
 def install_prefetch_hooks(
-    predictors: dict[int, tuple[torch.nn.Module, QueryPredictor]], plans: dict[int, LayerPlan]
+    predictors: dict[int, tuple[torch.nn.Module, QueryPredictor]],
+    plans: dict[int, LayerPlan],
+    sliding_layers: tuple[int, ...] = (),
 ) -> list[Any]:
-    """A forward pre-hook on every decoder layer i that starts the prefetch of layer i+1; returns the handles."""
+    """A forward pre-hook on every decoder layer i that starts the prefetch of layer i+1; returns the handles.
+
+    A sliding-window layer i prefetches nothing: its attention mask and position embeddings are those of its
+    own kind (Gemma2, Gemma3 and gpt-oss alternate), not of the full-attention layer i+1, which therefore
+    selects with its own query.
+    """
     handles = []
     for index in sorted(predictors):
         following = index + 1
         target = predictors.get(following)
         plan = plans.get(following)
         decoder_layer = predictors[index][0]
-        if target is None or plan is None or plan.dense:
+        if target is None or plan is None or plan.dense or index in sliding_layers:
             handles.append(decoder_layer.register_forward_pre_hook(_step_counter(index), with_kwargs=True))
             continue
         handles.append(
@@ -362,6 +369,7 @@ class Prefetcher:
             keys_store.dtype,
             layer.device,
             before_realloc=copy.stream.synchronize if cuda else (lambda: None),
+            value_dim=values_store.shape[3],
         )
         pending.slot, pending.keys, pending.values, pending.device = slot, keys, values, layer.device
         indices = selection.indices.reshape(batch, heads, -1)

@@ -91,7 +91,7 @@ class FullOffloadLayer(HostStoredLayer):
         return {"host_keys": self.host_keys.nbytes(), "host_values": self.host_values.nbytes()}
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self._grow_host_store(self.length + keys.shape[0], keys)
+        self._grow_host_store(self.length + keys.shape[0], keys, values)
         self.host_keys.append(keys)
         self.host_values.append(values)
         self.length += keys.shape[0]
@@ -204,8 +204,11 @@ class FullOffloadCache(HostStoredCache, DynamicCache):
         current = self.ring[slot]
         shape = tuple(keys_store.shape[1:])
         fits = (
-            current is not None and current[0].shape[0] >= tokens and tuple(current[0].shape[1:]) == shape
-            and current[0].dtype == keys_store.dtype and current[0].device == device
+            current is not None
+            and current[0].shape[0] >= tokens
+            and tuple(current[0].shape[1:]) == shape
+            and current[0].dtype == keys_store.dtype
+            and current[0].device == device
         )
         if not fits:
             if current is not None and self.copy_stream is not None:

@@ -8,11 +8,9 @@ forced in (`forced_tokens`), and the rest of the budget goes to the highest scor
 through one shared attention function, registered with transformers' attention interface under
 `EVAL_ATTENTION_NAME`, so models are never forked. A prefill (no past) attends densely unless
 `simulate` is set, as in `doublesparse/attention.py`; in simulate mode every query row selects its own
-tokens among its past, as if decoded one by one.
-
-What the selective attention does not compute is refused by name, when patching and at every call,
-whatever the runtime serves: learned attention sinks, attention logit softcapping, multi-head latent
-attention, and any keyword argument the runtime's allowlist (doublesparse/support.py) does not know.
+tokens among its past, as if decoded one by one. The call's keyword arguments are checked as the runtime
+checks them; learned sinks (`s_aux`) and logit softcapping (`softcap`) enter the exact attention over
+the selection as they do in the model's own eager attention.
 
 Contract of a method (tested over the whole registry): with a budget covering the whole past it
 computes dense attention; it never selects padding or future tokens; it attends exactly its budget.
@@ -30,28 +28,14 @@ from doublesparse.attention_patch import attention_patched
 from doublesparse.channels import ChannelMask
 from doublesparse.config import SparsityConfig
 from doublesparse.kernels.selection import select_tokens_reference
-from doublesparse.kernels.sparse_attention import selection_mask
+from doublesparse.kernels.sparse_attention import cap_logits, selection_mask, softmax_with_sinks
 from doublesparse.layout import HeadLayout
 from doublesparse.policy import row_budgets, valid_keys
 from doublesparse.step import dense_attention
-from doublesparse.support import (
-    MLA_FIELDS,
-    attention_modules,
-    check_attention_kwargs,
-    check_head_sizes,
-    check_supported,
-)
+from doublesparse.support import attention_modules, check_attention_kwargs, check_head_sizes, check_supported
 
 EVAL_ATTENTION_NAME = "doublesparse_eval"
 EVAL_PLAN_ATTRIBUTE = "_doublesparse_eval_plan"
-
-# Attention features that the selective attention below does not compute, whatever the runtime serves:
-# keyword argument -> what it is. Refused by name, when patching where the model shows them, and at every call.
-UNSERVED_ATTENTION_KWARGS = {
-    "s_aux": "learned attention sinks",
-    "sinks": "learned attention sinks",
-    "softcap": "attention logit softcapping",
-}
 
 
 # --------------------------------------------------------------------------------------------- plans
@@ -102,9 +86,15 @@ def exact_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torc
     return torch.matmul(query.float(), expand_kv(key, query.shape[1]).float().transpose(-1, -2)) * scaling
 
 
-def attention_weights(logits: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """Softmax of `logits` [B, H_q, L, T] over the attended keys (broadcastable bool); rows with none are 0."""
-    return torch.softmax(logits.masked_fill(~attended, float("-inf")), dim=-1).nan_to_num(0.0)
+def attention_weights(
+    logits: torch.Tensor, attended: torch.Tensor, sinks: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Softmax of `logits` [B, H_q, L, T] over the attended keys (broadcastable bool); rows with none are 0.
+
+    `sinks` [H_q] (gpt-oss's learned sinks) join each row's denominator.
+    """
+    sink_logits = None if sinks is None else sinks.float().reshape(1, -1, 1, 1)
+    return softmax_with_sinks(logits.masked_fill(~attended, float("-inf")), sink_logits)
 
 
 def recent_window(valid: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -178,8 +168,10 @@ def selective_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The baselines' attention-interface function: q [B, H_q, L, d], k/v [B, H_kv, T, d] -> ([B, L, H_q, d], None)."""
-    check_baseline_call(module, query, key, value, kwargs)
     plan: Optional[EvalLayerPlan] = getattr(module, EVAL_PLAN_ATTRIBUTE, None)
+    check_attention_kwargs(module, kwargs, query.shape[1])
+    check_head_sizes(module, query, key, value)
+    sinks, softcap = kwargs.get("s_aux"), kwargs.get("softcap")
 
     def dense_call() -> tuple[torch.Tensor, Any]:
         return dense_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -201,7 +193,8 @@ def selective_attention(
     if not (simulate_rows or rows < length) or bool((budgets >= lengths).all()):
         out, _ = dense_call()
         if method.needs_weights:
-            method.observe(plan, call, attention_weights(exact_logits(query, key, scaling), valid[:, None]), None)
+            logits = cap_logits(exact_logits(query, key, scaling), softcap)
+            method.observe(plan, call, attention_weights(logits, valid[:, None], sinks), None)
         return out, None
 
     scores = method.scores(plan, call)
@@ -212,55 +205,11 @@ def selective_attention(
     _record(plan, valid, budgets, selected)
     num_q_heads = query.shape[1]
     attended = selected.repeat_interleave(num_q_heads // selected.shape[1], dim=1)
-    weights = attention_weights(exact_logits(query, key, scaling), attended)
+    weights = attention_weights(cap_logits(exact_logits(query, key, scaling), softcap), attended, sinks)
     out = torch.matmul(weights, expand_kv(value, num_q_heads).float()).to(query.dtype)
     if method.needs_weights:
         method.observe(plan, call, weights, selected)
     return out.transpose(1, 2).contiguous(), None
-
-
-def check_baseline_model(model: torch.nn.Module) -> None:
-    """ValueError naming learned sinks, logit softcapping or MLA: the baselines' attention computes none of them."""
-    name = type(model).__name__
-    text = model.config.get_text_config(decoder=True)
-    mla = sorted(field for field in MLA_FIELDS if getattr(text, field, None) is not None)
-    if mla:
-        raise ValueError(
-            f"{name} uses multi-head latent attention (MLA: {', '.join(mla)}), which the evaluation baselines do not "
-            "serve: their selective attention assumes keys and values of one head size"
-        )
-    if getattr(text, "attn_logit_softcapping", None) is not None:
-        raise ValueError(
-            f"{name} uses attention logit softcapping (attn_logit_softcapping), which the evaluation baselines do not "
-            "implement: their selective attention would drop it"
-        )
-    for module in model.modules():
-        if hasattr(module, "layer_idx") and isinstance(getattr(module, "sinks", None), torch.Tensor):
-            raise ValueError(
-                f"{name} has learned attention sinks ({type(module).__name__}.sinks, passed as s_aux), which the "
-                "evaluation baselines do not implement: their selective attention would drop them"
-            )
-
-
-def check_baseline_call(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict[str, Any]
-) -> None:
-    """ValueError for an attention call the baselines would compute wrongly, naming what it asks for."""
-    for name, what in UNSERVED_ATTENTION_KWARGS.items():
-        if kwargs.get(name) is not None:
-            raise ValueError(
-                f"{type(module).__name__} passes {name} ({what}) to the attention function, which the evaluation "
-                "baselines do not implement: their results would be silently wrong"
-            )
-    if not query.shape[-1] == key.shape[-1] == value.shape[-1]:
-        raise ValueError(
-            f"{type(module).__name__} attends with query, key and value heads of {query.shape[-1]}, {key.shape[-1]} "
-            f"and {value.shape[-1]} channels (multi-head latent attention?): the evaluation baselines serve one head "
-            "size"
-        )
-    # Then what the runtime refuses: any keyword argument not on its allowlist.
-    check_head_sizes(module, query, key, value)
-    check_attention_kwargs(module, kwargs)
 
 
 def _record(plan: EvalLayerPlan, valid: torch.Tensor, budgets: torch.Tensor, selected: torch.Tensor) -> None:
@@ -275,7 +224,6 @@ def selective_patch(
 ) -> Iterator[torch.nn.Module]:
     """Inside: `model` attends with `method` through the shared selective attention; restored on exit."""
     layout = HeadLayout.from_config(model.config)
-    check_baseline_model(model)
     check_supported(model, layout)
     config.check_model(layout.num_layers, layout.head_dim)
     modules = attention_modules(model, layout)

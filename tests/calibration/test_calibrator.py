@@ -8,7 +8,9 @@ from doublesparse.calibration import calibrate, calibrate_blocks
 from doublesparse.calibration.capture import RECORDER_ATTRIBUTE
 from doublesparse.calibration.statistics import ChannelStatistics
 from doublesparse.channels import ChannelMask
+from doublesparse.ranking import RopePairs
 from doublesparse.support import attention_modules
+
 from tiny_models import ARCHITECTURES, tiny_model
 from tiny_tokenizer import sample_texts, tiny_tokenizer
 
@@ -79,26 +81,77 @@ def test_rope_pairs_rank_together():
         assert bool(((pairs[..., 0] - pairs[..., 1]).abs() == HEAD_DIM // 2).all())
 
 
-def test_statistics_match_a_direct_computation():
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import sdpa_mask
+def plant_mla_outliers(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+    """In a DeepSeek-V3, scale two no-RoPE channels of every head and one RoPE pair of every layer by 30.
 
-    model = tiny_model("llama")
+    The no-RoPE key channels are rows of kv_b_proj (per head), the RoPE key is shared by the heads (rows of
+    kv_a_proj_with_mqa after the latent); the query rows of q_b_proj are scaled alike. With rope_interleave
+    the weights pair rows 2i and 2i + 1, which the model rotates into post-RoPE channels nope + i and
+    nope + i + rope / 2. Returns the planted post-RoPE key channels [L, H, 4], sorted.
+    """
+    config = model.config
+    nope, rope, value = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+    layout = ds.HeadLayout.from_config(config)
+    generator = torch.Generator().manual_seed(seed)
+    planted = torch.empty(layout.num_layers, layout.num_heads, 4, dtype=torch.long)
+    with torch.no_grad():
+        for layer, module in enumerate(attention_modules(model, layout)):
+            pair = int(torch.randint(0, rope // 2, (1,), generator=generator))
+            rows = [2 * pair, 2 * pair + 1] if config.rope_interleave else [pair, pair + rope // 2]
+            module.kv_a_proj_with_mqa.weight[[config.kv_lora_rank + row for row in rows]] *= 30
+            for head in range(layout.num_heads):
+                no_rope = torch.randperm(nope, generator=generator)[:2]
+                module.kv_b_proj.weight[head * (nope + value) + no_rope] *= 30
+                module.q_b_proj.weight[head * layout.head_dim + no_rope] *= 30
+                module.q_b_proj.weight[[head * layout.head_dim + nope + row for row in rows]] *= 30
+                rotary = torch.tensor([nope + pair, nope + pair + rope // 2])
+                planted[layer, head] = torch.cat([no_rope, rotary]).sort().values
+    return planted
+
+
+@pytest.mark.parametrize("rope_interleave", [True, False])
+@pytest.mark.parametrize("kind", ["q", "k", "qk"])
+def test_mla_outliers_planted_in_both_key_parts_rank_first(kind, rope_interleave):
+    model = tiny_model("deepseek_v3", rope_interleave=rope_interleave)
+    planted = plant_mla_outliers(model)
+    mask = calibrate_blocks(model, random_blocks(4, 48), kind=kind, progress=False)
+    assert mask.ranking.shape == (2, 4, 48)
+    assert torch.equal(mask.ranking[..., :4].sort(dim=-1).values, planted)
+    # Kept as pairs, the RoPE pair (in the post-RoPE key's last 16 channels, rotate_half) ranks as one unit.
+    paired = calibrate_blocks(model, random_blocks(4, 48), kind=kind, keep_rope_pairs=True, progress=False)
+    assert paired.rope_pairs == RopePairs(dim=16, offset=32)
+    assert torch.equal(paired.ranking[..., :4].sort(dim=-1).values, planted)
+    for row in paired.ranking.view(-1, 48).tolist():
+        at = {channel: position for position, channel in enumerate(row)}
+        assert all(abs(at[32 + i] - at[40 + i]) == 1 for i in range(8)), "a RoPE pair split up"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss", "gemma2", "deepseek_v3"])
+def test_statistics_match_a_direct_computation(arch):
+    # The q and k of every layer as the unpatched model computes them (its own eager attention: gpt-oss's
+    # sinks and Gemma2's softcap shape what the layers after the first see); MLA's keys of 48 channels.
+    import sys
+
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    model = tiny_model(arch)
     blocks = random_blocks(3, 20)
     mask = calibrate_blocks(model, blocks, batch_size=2, progress=False)
     seen = {}
 
     def record(module, query, key, value, attention_mask, **kwargs):
         seen[module.layer_idx] = (query.clone(), key.clone())
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("test_record_qk", record)
-    AttentionMaskInterface.register("test_record_qk", sdpa_mask)
+    AttentionMaskInterface.register("test_record_qk", eager_mask)
+    previous = model.config._attn_implementation
     model.set_attn_implementation("test_record_qk")
     with torch.no_grad():
         model(blocks)
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(previous)
     for layer, (query, key) in seen.items():
         group = query.shape[1] // key.shape[1]
         key_per_query = key.repeat_interleave(group, dim=1)
@@ -189,7 +242,9 @@ def test_same_seed_same_bytes_different_seed_different_blocks(tmp_path, monkeypa
     assert paths[0].read_bytes() != paths[2].read_bytes()
     loaded = ChannelMask.load(paths[0])
     assert loaded.calibration["time"] == "2023-11-14T22:13:20+00:00"
-    assert {"source", "num_samples", "seq_len", "seed", "tokens", "kind", "keep_rope_pairs", "versions"} <= set(loaded.calibration)
+    assert {"source", "num_samples", "seq_len", "seed", "tokens", "kind", "keep_rope_pairs", "versions"} <= set(
+        loaded.calibration
+    )
     assert loaded.calibration["tokens"] == 6 * 32 and loaded.calibration["seed"] == 0
 
 
@@ -279,7 +334,9 @@ def test_unsupported_or_patched_model_fails_before_any_work():
     with pytest.raises(ValueError, match="transformers model"):
         calibrate(torch.nn.Linear(2, 2), tokenizer, sample_texts(4), num_samples=2, seq_len=16, progress=False)
     del model._supports_attention_backend
-    mask = ChannelMask(torch.arange(HEAD_DIM).expand(2, 4, HEAD_DIM), "qk", ds.HeadLayout.from_config(model.config), False)
+    mask = ChannelMask(
+        torch.arange(HEAD_DIM).expand(2, 4, HEAD_DIM), "qk", ds.HeadLayout.from_config(model.config), False
+    )
     with ds.patched(model, mask, ds.SparsityConfig(num_channels=4)):
         with pytest.raises(ValueError, match="remove"):
             calibrate(model, tokenizer, sample_texts(4), num_samples=2, seq_len=16, progress=False)
@@ -287,7 +344,9 @@ def test_unsupported_or_patched_model_fails_before_any_work():
 
 
 def test_fewer_blocks_than_asked_uses_all(caplog):
-    mask = calibrate(tiny_model("llama"), tiny_tokenizer(), sample_texts(2), num_samples=1000, seq_len=64, progress=False)
+    mask = calibrate(
+        tiny_model("llama"), tiny_tokenizer(), sample_texts(2), num_samples=1000, seq_len=64, progress=False
+    )
     assert 1 <= mask.calibration["num_samples"] < 1000
     assert "fewer than" in caplog.text
 
@@ -300,7 +359,7 @@ def test_package_exports():
 
     assert imported is calibration.calibrate
     with pytest.raises(AttributeError):
-        calibration.no_such_thing
+        _ = calibration.no_such_thing
 
 
 def test_top_level_lazy_attribute():
