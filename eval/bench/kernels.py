@@ -6,7 +6,9 @@ same tensors:
 - `sdpa`: torch's scaled_dot_product_attention over the whole cache (GQA without repeating K/V);
 - `dense`: our dense decode (torch reference on CPU, the Triton flash-decoding kernel on CUDA);
 - `double_sparsity` for every budget fraction and label width: label scores + top-k selection +
-  sparse attention, with the labels already in the cache (as at decode time), plus each part alone.
+  sparse attention, with the labels already in the cache (as at decode time), as the runtime runs it
+  (`dispatch.fused_decode`: on the CPU one fused native kernel, see fused_decode.py), the three ops
+  called one after another (`separate ms`), and each part alone.
 Bytes moved are counted from the shapes (the least each op must read and write, see `bytes_moved`);
 bandwidth = bytes / median time. On CUDA it also times a plain device copy (the bandwidth ceiling) and
 checks that the whole Double Sparsity step captured in a CUDA graph replays to the same output.
@@ -42,20 +44,27 @@ COPY_BYTES = 256 << 20
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the kernel benchmark."""
     add = parser.add_argument
-    add("--contexts",
-        help=f"comma-separated cached lengths, K = 1024 (default: {CPU_CONTEXTS} on CPU, {CUDA_CONTEXTS} on CUDA)")
+    add(
+        "--contexts",
+        help=f"comma-separated cached lengths, K = 1024 (default: {CPU_CONTEXTS} on CPU, {CUDA_CONTEXTS} on CUDA)",
+    )
     add("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated budget fractions (default: {DEFAULT_BUDGETS})")
-    add("--label-bits", default=DEFAULT_LABEL_BITS,
-        help=f"comma-separated label widths (default: {DEFAULT_LABEL_BITS})")
+    add(
+        "--label-bits", default=DEFAULT_LABEL_BITS, help=f"comma-separated label widths (default: {DEFAULT_LABEL_BITS})"
+    )
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: 1)")
     parser.add_argument("--query-heads", type=int, default=32, help="query heads (default: 32, Llama-3.1-8B)")
     parser.add_argument("--kv-heads", type=int, default=8, help="KV heads (default: 8)")
     parser.add_argument("--head-dim", type=int, default=128, help="head dimension (default: 128)")
     parser.add_argument("--channels", type=int, default=16, help="label channels r (default: 16)")
-    parser.add_argument("--selection", default="group", choices=("group", "head"),
-                        help="selection per KV group or per query head")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                        help="K/V dtype (default: float16 on CUDA, float32 on CPU)")
+    parser.add_argument(
+        "--selection", default="group", choices=("group", "head"), help="selection per KV group or per query head"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="K/V dtype (default: float16 on CUDA, float32 on CPU)",
+    )
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend (default: auto)")
     parser.add_argument("--repeats", type=int, help="timed calls per method (default: 10 on CPU, 50 on CUDA)")
@@ -79,8 +88,17 @@ def parse_bits(text: str) -> list[int]:
 
 
 def bytes_moved(
-    kind: str, *, batch: int, q_heads: int, kv_heads: int, select_heads: int, head_dim: int,
-    tokens: int, slots: int, elt: int, label_bytes: int,
+    kind: str,
+    *,
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    select_heads: int,
+    head_dim: int,
+    tokens: int,
+    slots: int,
+    elt: int,
+    label_bytes: int,
 ) -> int:
     """The least bytes an op must read and write (K/V rows, labels, scores, indices, query and output)."""
     query_out = 2 * batch * q_heads * head_dim * elt
@@ -155,12 +173,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
-    from doublesparse.policy import row_budgets
     from doublesparse.config import SparsityConfig
     from doublesparse.kernels import dispatch
     from doublesparse.kernels.label_append import label_bytes_per_token
     from doublesparse.kernels.label_scores import gather_query_channels
-
+    from doublesparse.policy import row_budgets
     from doublesparse.provenance import device_name, git_commit, versions
 
     device = resolve_device(args.device)
@@ -182,8 +199,9 @@ def run(args: argparse.Namespace) -> int:
     backend = dispatch.resolve_backend(args.backend, device)
     configs = [(budget, bits) for budget in budgets for bits in label_bits]
     for budget, bits in configs:  # validate every combination before any timing
-        SparsityConfig(num_channels=args.channels, token_budget=float(budget), label_bits=bits,
-                       selection=args.selection)
+        SparsityConfig(
+            num_channels=args.channels, token_budget=float(budget), label_bits=bits, selection=args.selection
+        )
 
     batch, q_heads, kv_heads, head_dim = args.batch, args.query_heads, args.kv_heads, args.head_dim
     select_heads = kv_heads if args.selection == "group" else q_heads
@@ -210,15 +228,25 @@ def run(args: argparse.Namespace) -> int:
         valid = torch.ones(batch, 1, tokens, dtype=torch.bool, device=device)
         lengths = torch.full((batch, 1), tokens, device=device)
 
+        # Default arguments bind this context's tensors to each closure: they are called after the loop (B023).
         fns: dict[str, Callable[[], Any]] = {
-            "sdpa": lambda: F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=True),
-            "dense": lambda: dispatch.dense_attention(query, keys, values, scaling, None, backend),
+            "sdpa": lambda query=query, keys=keys, values=values: F.scaled_dot_product_attention(
+                query, keys, values, scale=scaling, enable_gqa=True
+            ),
+            "dense": lambda query=query, keys=keys, values=values: dispatch.dense_attention(
+                query, keys, values, scaling, None, backend
+            ),
         }
         steps: dict[tuple[Fraction, int], Callable[[], Any]] = {}
         shapes: dict[tuple[Fraction, int], dict[str, int]] = {}
         for budget, bits in configs:
-            config = SparsityConfig(num_channels=args.channels, token_budget=float(budget), label_bits=bits,
-                                    selection=args.selection, backend=backend)
+            config = SparsityConfig(
+                num_channels=args.channels,
+                token_budget=float(budget),
+                label_bits=bits,
+                selection=args.selection,
+                backend=backend,
+            )
             row_budget = row_budgets(config, lengths)
             slots = int(row_budget.max())
             labels = dispatch.make_labels(keys, channels, bits, backend)
@@ -229,7 +257,30 @@ def run(args: argparse.Namespace) -> int:
             shapes[(budget, bits)] = {"slots": slots, "label_bytes": label_bytes}
 
             # Default arguments bind this iteration's tensors: the closures are called after the loop.
-            def step(labels=labels, bits=bits, row_budget=row_budget, slots=slots):
+            bound = dict(query=query, keys=keys, values=values, channels=channels, valid=valid)
+
+            def step(labels=labels, bits=bits, row_budget=row_budget, slots=slots, bound=bound):
+                query, keys, values, channels, valid = bound.values()
+                # What the runtime runs: the fused kernel where it serves the call, the three ops otherwise.
+                return dispatch.fused_decode(
+                    query,
+                    keys,
+                    values,
+                    channels,
+                    labels,
+                    bits,
+                    valid,
+                    row_budget,
+                    0,
+                    0,
+                    slots,
+                    scaling,
+                    select_heads,
+                    backend,
+                )
+
+            def separate(labels=labels, bits=bits, row_budget=row_budget, slots=slots, bound=bound):
+                query, keys, values, channels, valid = bound.values()
                 step_scores = dispatch.label_scores(
                     gather_query_channels(query, channels), labels, bits, scaling, select_heads, backend
                 )
@@ -239,22 +290,31 @@ def run(args: argparse.Namespace) -> int:
             def scores_only(q_labels=q_labels, labels=labels, bits=bits):
                 return dispatch.label_scores(q_labels, labels, bits, scaling, select_heads, backend)
 
-            def select_only(scores=scores, row_budget=row_budget, slots=slots):
+            def select_only(scores=scores, row_budget=row_budget, slots=slots, valid=valid):
                 return dispatch.select_tokens(scores, valid, row_budget, 0, 0, slots, backend)
 
-            def attention_only(indices=indices, slot_valid=slot_valid):
+            def attention_only(indices=indices, slot_valid=slot_valid, bound=bound):
+                query, keys, values, _, _ = bound.values()
                 return dispatch.sparse_attention(query, keys, values, indices, slot_valid, scaling, backend)
 
             tag = f"{budget}|{bits}"
             steps[(budget, bits)] = step
             fns[f"step|{tag}"] = step
+            fns[f"separate|{tag}"] = separate
             fns[f"scores|{tag}"] = scores_only
             fns[f"select|{tag}"] = select_only
             fns[f"attention|{tag}"] = attention_only
 
         times = timer.round_robin(fns, repeats, args.warmup, progress)
-        common = dict(batch=batch, q_heads=q_heads, kv_heads=kv_heads, select_heads=select_heads, head_dim=head_dim,
-                      tokens=tokens, elt=elt)
+        common = dict(
+            batch=batch,
+            q_heads=q_heads,
+            kv_heads=kv_heads,
+            select_heads=select_heads,
+            head_dim=head_dim,
+            tokens=tokens,
+            elt=elt,
+        )
         medians = {name: statistics.median(seconds) for name, seconds in times.items()}
         dense_bytes = bytes_moved("dense", slots=tokens, label_bytes=0, **common)
         for method in ("sdpa", "dense"):
@@ -267,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
             row["slots"] = shape["slots"]
             selected_rows = 2 * batch * max(select_heads, kv_heads) * shape["slots"]
             row["floor_bytes"] = shape["label_bytes"] + selected_rows * head_dim * elt
+            row["separate_ms"] = 1e3 * medians[f"separate|{tag}"]
             for part in ("scores", "select", "attention"):
                 row[f"{part}_ms"] = 1e3 * medians[f"{part}|{tag}"]
                 row[f"{part}_bytes"] = bytes_moved(part, **shape, **common)
@@ -279,9 +340,16 @@ def run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     report = {
         "benchmark": "kernels",
-        "settings": {**options, "contexts": contexts, "budgets": [str(b) for b in budgets], "label_bits": label_bits,
-                     "repeats": repeats, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
-                     "threads": torch.get_num_threads()},
+        "settings": {
+            **options,
+            "contexts": contexts,
+            "budgets": [str(b) for b in budgets],
+            "label_bits": label_bits,
+            "repeats": repeats,
+            "dtype": str(dtype).replace("torch.", ""),
+            "backend": backend,
+            "threads": torch.get_num_threads(),
+        },
         "device": {"type": device.type, "name": device_name(device), "cpu_count": os.cpu_count()},
         "versions": versions(),
         "commit": git_commit(),
@@ -309,10 +377,17 @@ def _row(
 ) -> dict[str, Any]:
     median = statistics.median(seconds)
     return {
-        "context": tokens, "method": method, "budget": None if budget is None else str(budget), "label_bits": bits,
-        "median_ms": 1e3 * median, "min_ms": 1e3 * min(seconds), "times_ms": [1e3 * s for s in seconds],
-        "bytes": moved, "gb_s": moved / median / 1e9,
-        "speedup_vs_sdpa": medians["sdpa"] / median, "speedup_vs_dense": medians["dense"] / median,
+        "context": tokens,
+        "method": method,
+        "budget": None if budget is None else str(budget),
+        "label_bits": bits,
+        "median_ms": 1e3 * median,
+        "min_ms": 1e3 * min(seconds),
+        "times_ms": [1e3 * s for s in seconds],
+        "bytes": moved,
+        "gb_s": moved / median / 1e9,
+        "speedup_vs_sdpa": medians["sdpa"] / median,
+        "speedup_vs_dense": medians["dense"] / median,
     }
 
 
@@ -335,7 +410,9 @@ def _cuda_graph_check(tokens: int, step: Callable[[], Any], config, repeats: int
     timer = Timer(torch.device("cuda"))
     replay = timer.round_robin({"replay": graph.replay}, repeats, 2)["replay"]
     return {
-        "context": tokens, "budget": str(config[0]), "label_bits": config[1],
+        "context": tokens,
+        "budget": str(config[0]),
+        "label_bits": config[1],
         "equal": bool(torch.equal(captured, eager)),
         "max_abs_diff": float((captured.float() - eager.float()).abs().max()),
         "replay_median_ms": 1e3 * statistics.median(replay),
@@ -344,33 +421,60 @@ def _cuda_graph_check(tokens: int, step: Callable[[], Any], config, repeats: int
 
 def format_table(report: dict[str, Any]) -> str:
     """The results as a fixed-width text table."""
-    header = ("context", "method", "budget", "bits", "median ms", "min ms", "MB moved", "GB/s", "x SDPA", "x dense",
-              "scores ms", "select ms", "attn ms")
+    header = (
+        "context",
+        "method",
+        "budget",
+        "bits",
+        "median ms",
+        "min ms",
+        "MB moved",
+        "GB/s",
+        "x SDPA",
+        "x dense",
+        "separate ms",
+        "scores ms",
+        "select ms",
+        "attn ms",
+    )
     lines = []
     for row in report["results"]:
-        parts = [row.get(f"{p}_ms") for p in ("scores", "select", "attention")]
-        lines.append((
-            str(row["context"]), row["method"], row["budget"] or "-", str(row["label_bits"] or "-"),
-            f"{row['median_ms']:.3f}", f"{row['min_ms']:.3f}", f"{row['bytes'] / 1e6:.1f}", f"{row['gb_s']:.2f}",
-            f"{row['speedup_vs_sdpa']:.2f}", f"{row['speedup_vs_dense']:.2f}",
-            *("-" if p is None else f"{p:.3f}" for p in parts),
-        ))
+        parts = [row.get(f"{p}_ms") for p in ("separate", "scores", "select", "attention")]
+        lines.append(
+            (
+                str(row["context"]),
+                row["method"],
+                row["budget"] or "-",
+                str(row["label_bits"] or "-"),
+                f"{row['median_ms']:.3f}",
+                f"{row['min_ms']:.3f}",
+                f"{row['bytes'] / 1e6:.1f}",
+                f"{row['gb_s']:.2f}",
+                f"{row['speedup_vs_sdpa']:.2f}",
+                f"{row['speedup_vs_dense']:.2f}",
+                *("-" if p is None else f"{p:.3f}" for p in parts),
+            )
+        )
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
 
     def render(cells: Any) -> str:
         return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
 
     settings, device = report["settings"], report["device"]
-    title = (f"decode attention on {device['name']} ({device['type']}), {settings['dtype']}, "
-             f"batch {settings['batch']}, {settings['query_heads']}q/{settings['kv_heads']}kv heads, "
-             f"d={settings['head_dim']}, r={settings['channels']}, "
-             f"selection={settings['selection']}, backend={settings['backend']}, {settings['repeats']} repeats; "
-             f"copy bandwidth {report['copy_bandwidth_gb_s']:.1f} GB/s")
+    title = (
+        f"decode attention on {device['name']} ({device['type']}), {settings['dtype']}, "
+        f"batch {settings['batch']}, {settings['query_heads']}q/{settings['kv_heads']}kv heads, "
+        f"d={settings['head_dim']}, r={settings['channels']}, "
+        f"selection={settings['selection']}, backend={settings['backend']}, {settings['repeats']} repeats; "
+        f"copy bandwidth {report['copy_bandwidth_gb_s']:.1f} GB/s"
+    )
     body = [title, render(header), render(["-" * w for w in widths])] + [render(line) for line in lines]
     for check in report["cuda_graph"]:
         verdict = "equals" if check["equal"] else "DIFFERS from"
-        body.append(f"CUDA graph at {check['context']} tokens: replay {verdict} eager, "
-                    f"{check['replay_median_ms']:.3f} ms per replay")
+        body.append(
+            f"CUDA graph at {check['context']} tokens: replay {verdict} eager, "
+            f"{check['replay_median_ms']:.3f} ms per replay"
+        )
     return "\n".join(body)
 
 
@@ -386,8 +490,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
             points = [(r["context"], r["median_ms"]) for r in rows if r["method"] == method]
             axis.plot(*zip(*points), style, marker="o", label=label)
         for budget in report["settings"]["budgets"]:
-            points = [(r["context"], r["median_ms"]) for r in rows
-                      if r["method"] == "double_sparsity" and r["budget"] == budget and r["label_bits"] == bits]
+            points = [
+                (r["context"], r["median_ms"])
+                for r in rows
+                if r["method"] == "double_sparsity" and r["budget"] == budget and r["label_bits"] == bits
+            ]
             if points:
                 axis.plot(*zip(*points), marker="o", label=f"DS budget {budget}")
         axis.set_xscale("log", base=2)
@@ -398,6 +505,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes[0][0].set_ylabel("median time per decode step (ms)")
     axes[0][-1].legend(fontsize=8)
     settings = report["settings"]
-    figure.suptitle(f"decode attention, {report['device']['name']}, {settings['dtype']}, batch {settings['batch']}",
-                    fontsize=10)
+    figure.suptitle(
+        f"decode attention, {report['device']['name']}, {settings['dtype']}, batch {settings['batch']}", fontsize=10
+    )
     save_figure(figure, path)
