@@ -5,8 +5,9 @@
 - Against its torch reference (the composition of the three references) on integer-valued labels and
   queries, where every label score is exact in fp32: the same tokens are selected, and the attention
   agrees to fp32 rounding (the kernel accumulates in another order): `output_tolerance(dtype)`.
-- The label score paths of the library (AVX-512 lookups for r = 16, byte tables otherwise) give the same
-  bits: a build without the SIMD path scores alike.
+- The library's shortcuts change no bit: AVX-512 label scores for r = 16 (byte tables otherwise) and the
+  selection's sampled floor under the threshold (every candidate ranked otherwise) give what a build
+  without them gives, the selection's slot order included, also where ties are heavy or the sample lies.
 """
 
 import pytest
@@ -17,6 +18,7 @@ from doublesparse.kernels.fused_decode import fused_decode_cpu, fused_decode_cpu
 from doublesparse.kernels.label_append import Labels, make_labels_reference
 from doublesparse.kernels.label_scores import gather_query_channels, label_scores_cpu
 from doublesparse.kernels.scratch import Scratch
+from doublesparse.kernels.selection import select_tokens_reference
 
 from kernel_cases import assert_close, output_tolerance
 
@@ -184,22 +186,67 @@ def test_the_fused_op_passes_opcheck():
 
 
 @pytest.fixture(scope="module")
-def table_build(tmp_path_factory):
-    """The library built without the AVX-512 label score path (byte tables for every r), loaded."""
+def plain_build(tmp_path_factory):
+    """The library without its shortcuts: byte tables for every r (no AVX-512 label scores), and a selection
+    that ranks every candidate (no sampled floor under the threshold), loaded."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DOUBLESPARSE_CACHE_DIR", str(tmp_path_factory.mktemp("tables")))
-        library = native._build(native._compiler(), native.FLAG_SETS[0] + ["-DDOUBLESPARSE_NO_SIMD"])
+        patch.setenv("DOUBLESPARSE_CACHE_DIR", str(tmp_path_factory.mktemp("plain")))
+        flags = ["-DDOUBLESPARSE_NO_SIMD", "-DDOUBLESPARSE_SELECT_FULL_PASS"]
+        library = native._build(native._compiler(), native.FLAG_SETS[0] + flags)
         lib, limits = native.open_library(library)
     return native.NativeBuild(lib, library, limits, [])
 
 
 @pytest.mark.parametrize("tokens", [1, 15, 16, 17, 4100])
-def test_both_label_score_paths_give_the_same_bits(table_build, monkeypatch, tokens):
+def test_both_label_score_paths_give_the_same_bits(plain_build, monkeypatch, tokens):
     _, keys, _, rows, labels, _, _ = problem(LAYOUTS[1], tokens, torch.float32, seed=10 + tokens)
     q_labels = torch.randn(2, 8, 1, 16, generator=torch.Generator().manual_seed(tokens))
     default = label_scores_cpu(q_labels, labels, 4, 0.125, 2).clone()
-    monkeypatch.setattr(native, "native_build", lambda: table_build)
+    monkeypatch.setattr(native, "native_build", lambda: plain_build)
     assert torch.equal(label_scores_cpu(q_labels, labels, 4, 0.125, 2), default)
+
+
+def long_selection_problem(kind, seed):
+    """Scores of 5000-token rows: heavy ties, or a sample that lies (every 16th token far above the rest)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, heads, tokens = 2, 3, 5000
+    if kind == "ties":
+        scores = torch.randint(-3, 4, (batch, heads, 1, tokens), generator=generator).float()
+        scores[0, 0, 0, 7] = float("nan")  # above +inf, as in the reference
+    else:  # the sampled floor lands above the threshold: too few candidates, so the full pass runs
+        scores = torch.randn(batch, heads, 1, tokens, generator=generator)
+        scores[..., ::16] += 100.0
+    valid = torch.ones(batch, 1, tokens, dtype=torch.bool)
+    valid[1, :, :600] = False  # left padding
+    budgets = torch.tensor([[1200], [900]])
+    return scores, valid, budgets
+
+
+@pytest.mark.parametrize("kind", ["ties", "lying sample"])
+@pytest.mark.parametrize("sink_tokens, recent_tokens", [(0, 0), (4, 16)])
+def test_the_sampled_floor_selects_what_the_full_pass_selects_in_the_same_order(
+    plain_build, monkeypatch, kind, sink_tokens, recent_tokens
+):
+    scores, valid, budgets = long_selection_problem(kind, seed=len(kind) + sink_tokens)
+    slots = 1210
+    indices, slot_valid = dispatch.select_tokens(scores, valid, budgets, sink_tokens, recent_tokens, slots, "cpu")
+    indices = indices.clone()
+    expected = select_tokens_reference(scores, valid, budgets, sink_tokens, recent_tokens, slots)
+    keep = slot_valid.expand_as(indices)
+    chosen = [sorted(row[k].tolist()) for row, k in zip(indices.view(-1, slots), keep.reshape(-1, slots))]
+    reference = [sorted(row[k].tolist()) for row, k in zip(expected[0].view(-1, slots), keep.reshape(-1, slots))]
+    assert chosen == reference
+    monkeypatch.setattr(native, "native_build", lambda: plain_build)
+    full, _ = dispatch.select_tokens(scores, valid, budgets, sink_tokens, recent_tokens, slots, "cpu")
+    assert torch.equal(full, indices)  # the same slots in the same order: the attention sums alike
+
+
+def test_the_fused_step_of_the_plain_build_gives_the_same_bits(plain_build, monkeypatch):
+    query, keys, values, rows, labels, valid, budgets = problem(LAYOUTS[0], 4100, torch.float32, seed=11)
+    args = (query, keys, values, rows, labels, 4, valid, budgets, 2, 8, int(budgets.max()), 0.125, 8)
+    default = fused_decode_cpu(*args)
+    monkeypatch.setattr(native, "native_build", lambda: plain_build)
+    assert torch.equal(fused_decode_cpu(*args), default)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
