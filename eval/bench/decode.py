@@ -90,6 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the decode step (CUDA graphs with --compile-mode reduce-overhead)",
     )
     add("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
+    add(
+        "--freeze",
+        action="store_true",
+        help="with --compile: inductor freezing (weights folded in as constants; on CPU the linear layers run "
+        "oneDNN on prepacked weights), for both methods",
+    )
     add("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add("--seed", type=int, default=0, help="seed of weights, caches and channels")
     add("--out-dir", default="./results/bench-decode", help="folder for bench_decode.json and .png")
@@ -109,10 +115,12 @@ def fill_cache(model: Any, decoder: Any, cache: Any, batch: int, context: int, p
     from doublesparse import HeadLayout
 
     device = next(model.parameters()).device
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     if prefill == "model":
+        generator = torch.Generator(device="cpu").manual_seed(seed)
         ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=generator).to(device)
         return decoder.prefill(ids, torch.ones_like(ids), cache)
+    # Drawn on the device: tens of GB of K/V drawn on the host would take longer than the benchmark.
+    generator = torch.Generator(device=device).manual_seed(seed)
     layout = HeadLayout.from_config(model.config)
     dtype = next(model.parameters()).dtype
     chunk = 4096
@@ -120,11 +128,11 @@ def fill_cache(model: Any, decoder: Any, cache: Any, batch: int, context: int, p
         for start in range(0, context, chunk):
             span = min(chunk, context - start)
             shape = (2, batch, layout.num_kv_heads, span, layout.head_dim)
-            keys, values = torch.randn(shape, generator=generator).to(device, dtype)
+            keys, values = torch.randn(shape, generator=generator, device=device).to(dtype)
             cache.update(keys, values, layer_idx)
     mask = torch.zeros(batch, decoder.max_cache_len, dtype=torch.long, device=device)
     mask[:, :context] = 1
-    logits = torch.randn(batch, model.config.vocab_size, generator=generator).to(device)
+    logits = torch.randn(batch, model.config.vocab_size, generator=generator, device=device)
     return logits, mask
 
 
@@ -177,6 +185,17 @@ def breakdown_steps(
     return {stage: statistics.median(ms[stage] for ms in per_step) for stage in STAGES}
 
 
+def freezing(enabled: bool) -> Any:
+    """A context in which inductor freezes what it compiles (weights as constants), or a no-op."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(freezing=True)
+
+
 def parse_dtypes(text: str) -> list[str]:
     """'float32,bfloat16' -> ['float32', 'bfloat16']; ValueError naming --dtype otherwise."""
     names = [name.strip() for name in text.split(",")]
@@ -221,6 +240,10 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_budget(args.budget, "--budget")
     if args.steps < 1 or args.warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    if args.freeze and not args.compile:
+        raise ValueError("--freeze applies to a compiled step: add --compile")
+    if args.breakdown and args.compile:
+        raise ValueError("--breakdown times the modules of eager steps (a compiled step has none): drop --compile")
     set_threads(args.threads)
     config = ds.SparsityConfig(
         num_channels=args.channels,
@@ -257,7 +280,8 @@ def run(args: argparse.Namespace) -> int:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 logits, buffer = fill_cache(model, decoder, cache, batch, context, args.prefill, args.seed)
-                seconds = time_steps(decoder, cache, buffer, logits, context, args.steps, args.warmup, synchronize)
+                with freezing(args.freeze):  # inductor reads it when the first step compiles
+                    seconds = time_steps(decoder, cache, buffer, logits, context, args.steps, args.warmup, synchronize)
                 memory = cache.memory() if hasattr(cache, "memory") else _static_cache_bytes(cache)
                 peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
                 stages = None

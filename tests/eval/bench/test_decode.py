@@ -118,3 +118,12 @@ def test_the_benchmark_shape_has_the_byte_floor_the_issue_names():
     assert moved["double_sparsity", 1]["kv"] + moved["double_sparsity", 1]["labels"] == pytest.approx(159.5e6, rel=1e-3)
     floors = [moved["dense", b]["total"] / moved["double_sparsity", b]["total"] for b in (1, 4)]
     assert floors == [pytest.approx(3.83, abs=0.01), pytest.approx(7.74, abs=0.01)]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--freeze"], "add --compile"), (["--compile", "--breakdown"], "drop --compile")],
+)
+def test_bench_decode_refuses_options_that_do_not_go_together(tmp_path, capsys, options, message):
+    assert main(["bench", "decode", "--config", "tiny", *options, "--out-dir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
