@@ -7,7 +7,9 @@ StaticCache, dense SDPA) and patched with Double Sparsity (StaticDoubleSparseCac
 filled either by a real prefill (`--prefill model`) or, by default, by writing random keys and
 values of the model's shape straight into it (`--prefill synthetic`), which makes long contexts
 affordable on a CPU; labels are computed from those keys exactly as at decode time.
-Reported per row: ms per step and tokens/s (medians over the timed steps), cache memory, peak device
+Reported per row: ms per step and tokens/s (medians over the timed steps), the process CPU time per
+step and its dense / Double Sparsity ratio (with --threads 1 a measure of the work that the machine's
+other load does not inflate; see time_steps), cache memory, peak device
 memory on CUDA, the bytes the step must move (step_bytes.py: weights once, K/V or labels and the
 selected K/V, per layer, batch included) and the bandwidth that makes; per Double Sparsity row the
 measured speed-up over dense, the byte floor's speed-up (dense bytes / Double Sparsity bytes) and the
@@ -145,19 +147,25 @@ def time_steps(
     steps: int,
     warmup: int,
     synchronize: Callable[[], None],
-) -> list[float]:
-    """Seconds of each timed decode step (after `warmup` untimed ones)."""
+) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds of each timed decode step (after `warmup` untimed ones).
+
+    CPU time counts every thread of the process while it runs, spin-waits included: with one thread
+    it is the step's own work, whatever else the machine runs, where the wall clock also counts the
+    time the system gave the core to others.
+    """
     positions = mask[:, :context].long().sum(-1, keepdim=True)
-    timings = []
+    walls, cpus = [], []
     for step in range(warmup + steps):
         token = logits.argmax(-1, keepdim=True)
         synchronize()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         logits = decoder.step(cache, mask, token, context + step, positions + step)
         synchronize()
         if step >= warmup:
-            timings.append(time.perf_counter() - start)
-    return timings
+            walls.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - cpu)
+    return walls, cpus
 
 
 def breakdown_steps(
@@ -269,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
             mask = random_channel_mask(layout, args.seed)
             plans = layer_plans(mask, config, layout)
         max_len = context + args.warmup + args.steps + 2 + (3 if args.breakdown else 0)
-        measured, moved = {}, {}
+        measured, cpu_measured, moved = {}, {}, {}
         for method in ("dense", "double_sparsity"):
             if method == "double_sparsity":
                 ds.apply(model, mask, config)
@@ -281,7 +289,9 @@ def run(args: argparse.Namespace) -> int:
                     torch.cuda.reset_peak_memory_stats(device)
                 logits, buffer = fill_cache(model, decoder, cache, batch, context, args.prefill, args.seed)
                 with freezing(args.freeze):  # inductor reads it when the first step compiles
-                    seconds = time_steps(decoder, cache, buffer, logits, context, args.steps, args.warmup, synchronize)
+                    seconds, cpu_seconds = time_steps(
+                        decoder, cache, buffer, logits, context, args.steps, args.warmup, synchronize
+                    )
                 memory = cache.memory() if hasattr(cache, "memory") else _static_cache_bytes(cache)
                 peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
                 stages = None
@@ -295,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
             del cache, decoder
             step = statistics.median(seconds)
             measured[method] = step
+            cpu_measured[method] = statistics.median(cpu_seconds)
             moved[method] = step_bytes(model, layout, plans, config, method, batch, context, dtype.itemsize)
             row = {
                 "dtype": dtype_name,
@@ -304,6 +315,8 @@ def run(args: argparse.Namespace) -> int:
                 "ms_per_step": 1e3 * step,
                 "tokens_per_s": batch / step,
                 "step_seconds": seconds,
+                "cpu_ms_per_step": 1e3 * cpu_measured[method],
+                "step_cpu_seconds": cpu_seconds,
                 "cache_bytes": memory,
                 "peak_device_bytes": peak,
                 "step_bytes": moved[method],
@@ -315,7 +328,10 @@ def run(args: argparse.Namespace) -> int:
             progress.update(1)
         speedup = measured["dense"] / measured["double_sparsity"]
         floor = moved["dense"]["total"] / moved["double_sparsity"]["total"]
-        rows[-1].update(speedup_vs_dense=speedup, floor_speedup=floor, share_of_floor=speedup / floor)
+        cpu_speedup = cpu_measured["dense"] / cpu_measured["double_sparsity"]
+        rows[-1].update(
+            speedup_vs_dense=speedup, floor_speedup=floor, share_of_floor=speedup / floor, cpu_speedup=cpu_speedup
+        )
     progress.close()
 
     report = {
@@ -364,16 +380,18 @@ def format_table(report: dict[str, Any]) -> str:
         f"prefill {settings['prefill']}, {settings['threads']} threads, device {report['device']}, "
         f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s",
         f"{'dtype':>8} {'context':>8} {'batch':>5} {'method':<16} {'ms/step':>9} {'tokens/s':>9} {'cache MB':>9} "
-        f"{'MB/step':>8} {'GB/s':>6} {'speed-up':>8} {'floor':>6} {'share':>6}",
+        f"{'MB/step':>8} {'GB/s':>6} {'speed-up':>8} {'floor':>6} {'share':>6} {'cpu ms':>9} {'cpu x':>6}",
     ]
     for row in report["rows"]:
         speedup = f"{row['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in row else ""
         floor = f"{row['floor_speedup']:.2f}x" if "floor_speedup" in row else ""
         share = f"{100 * row['share_of_floor']:.0f}%" if "share_of_floor" in row else ""
+        cpu_speedup = f"{row['cpu_speedup']:.2f}x" if "cpu_speedup" in row else ""
         lines.append(
             f"{row['dtype']:>8} {row['context']:>8} {row['batch']:>5} {row['method']:<16} {row['ms_per_step']:>9.2f} "
             f"{row['tokens_per_s']:>9.2f} {row['cache_bytes']['total'] / 2**20:>9.1f} "
-            f"{row['step_bytes']['total'] / 1e6:>8.1f} {row['gb_s']:>6.2f} {speedup:>8} {floor:>6} {share:>6}"
+            f"{row['step_bytes']['total'] / 1e6:>8.1f} {row['gb_s']:>6.2f} {speedup:>8} {floor:>6} {share:>6} "
+            f"{row['cpu_ms_per_step']:>9.2f} {cpu_speedup:>6}"
         )
     broken_down = [row for row in report["rows"] if "breakdown_ms" in row]
     if broken_down:

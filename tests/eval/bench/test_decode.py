@@ -45,6 +45,7 @@ def test_bench_decode_writes_json_and_plot(tmp_path, capsys):
         for method in ("dense", "double_sparsity")
     ]  # a bf16 row beside fp32, by default on CPU
     assert all(row["tokens_per_s"] > 0 and len(row["step_seconds"]) == 2 for row in report["rows"])
+    assert all(len(row["step_cpu_seconds"]) == 2 and row["cpu_ms_per_step"] > 0 for row in report["rows"])
     assert report["read_bandwidth_gb_s"] > 0 and report["settings"]["threads"] >= 1
     for dense, sparse in zip(report["rows"][0::2], report["rows"][1::2]):
         assert sparse["cache_bytes"]["labels"] > 0 and sparse["speedup_vs_dense"] > 0
@@ -53,6 +54,7 @@ def test_bench_decode_writes_json_and_plot(tmp_path, capsys):
         floor = dense["step_bytes"]["total"] / sparse["step_bytes"]["total"]
         assert sparse["floor_speedup"] == pytest.approx(floor) and floor > 1
         assert sparse["share_of_floor"] == pytest.approx(sparse["speedup_vs_dense"] / floor)
+        assert sparse["cpu_speedup"] == pytest.approx(dense["cpu_ms_per_step"] / sparse["cpu_ms_per_step"])
         for row in (dense, sparse):
             assert row["gb_s"] == pytest.approx(row["step_bytes"]["total"] / (row["ms_per_step"] / 1e3) / 1e9)
             assert set(row["breakdown_ms"]) == set(STAGES) and all(v >= 0 for v in row["breakdown_ms"].values())
