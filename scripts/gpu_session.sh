@@ -39,7 +39,7 @@ OUT=${OUT:-./gpu-results}
 PLAN="
 install|45|$PY -m pip install -q --no-deps --no-build-isolation --no-index -e .
 environment|15|nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv && $PY -c 'import sys, torch, triton, transformers; print(sys.version.split()[0], torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())'
-tests-gpu|50|$PY -m pytest -q -p no:cacheprovider -m gpu tests
+tests-gpu|50|$PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests
 tests-kernels|75|$PY -m pytest -q -p no:cacheprovider -m 'not gpu' \$XDIST tests/kernels/test_label_append.py tests/kernels/test_label_scores.py tests/kernels/test_selection.py tests/kernels/test_sparse_attention.py tests/kernels/test_dense_attention.py tests/kernels/test_attention_extensions.py tests/kernels/test_end_to_end.py
 bench-kernels|60|$DS bench kernels --batch 8 --contexts 32K,64K,128K --budgets 1/16 --label-bits 16,4 --repeats 20 --warmup 3 --no-plot --no-progress --out-dir $OUT/bench-kernels
 decode-32k-eager|40|$DS bench decode --config llama-3.1-8b --context 32K --batch 8 --steps 6 --warmup 2 --no-plot --no-progress --out-dir $OUT/decode-32k-eager
@@ -49,7 +49,8 @@ offload-256k|40|$DS bench offload --config llama-3.1-8b --context 256K --batch 1
 "
 # Estimates behind the limits (a fresh machine, caches cold):
 # - install: an editable install without dependencies, seconds.
-# - tests-gpu: the 7 model-shape parity tests, a few Triton compiles each (~10 s apiece at most).
+# - tests-gpu: the 7 model-shape parity tests, a few Triton compiles each (~10 s apiece at most); a test
+#   module that cannot import there (a missing package) does not stop the others.
 # - tests-kernels: ~320 parity cases on CUDA; compiling is most of it, spread over 8 pytest-xdist workers
 #   where the image has xdist (it lists pytest-xdist), else one process (then the limit cuts it short and
 #   the log says how far it got).

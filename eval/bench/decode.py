@@ -303,6 +303,10 @@ def run(args: argparse.Namespace) -> int:
                 if method == "double_sparsity":
                     ds.remove(model)
             del cache, decoder
+            if args.compile:
+                # Compiled code keeps what it was traced with (with freezing, the cache's buffers become
+                # constants): drop it, or the next method's cache would sit beside this one's.
+                torch._dynamo.reset()
             step = statistics.median(seconds)
             measured[method] = step
             cpu_measured[method] = statistics.median(cpu_seconds)
