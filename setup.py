@@ -32,7 +32,7 @@ setup(
     include_package_data=True,
     package_data={
         "doublesparse": ["assets/**/*"],
-        "doublesparse.kernels": ["*.c"],
+        "doublesparse.kernels": ["*.c", "*.h"],
         "doublesparse.eval.tasks": ["lm_eval_tasks/*"],
     },
     # Ranges cover the GPU test machine (torch 2.11, triton 3.6, transformers 5.17) up to the

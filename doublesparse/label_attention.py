@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .kernels.dispatch import label_scores, make_labels, select_tokens, sparse_attention
+from .kernels.dispatch import fused_decode, label_scores, make_labels, select_tokens, sparse_attention
 from .kernels.label_append import Labels
 from .kernels.label_scores import gather_query_channels
 from .kernels.scratch import Scratch
@@ -70,9 +70,30 @@ def attend_over_labels(
             return call.dense()
 
     channels = plan.channels_on(query.device)
+    recorded = needs_grad(query, key, value)  # asked before no_grad below, which would hide it
     with torch.no_grad():  # the selection is discrete: nothing to differentiate
         if labels is None or labels.codes.shape[2] != length:
             labels = make_labels(key, channels, config.label_bits, backend)
+        # Sinks and softcapping change only the exact attention, which the fused op does not serve.
+        if rows == 1 and not recorded and not call.extras:  # a decode step: scores, selection, attention in one op
+            out = fused_decode(
+                query,
+                key,
+                value,
+                channels,
+                labels,
+                config.label_bits,
+                valid,
+                budgets,
+                config.sink_tokens,
+                config.recent_tokens,
+                max_budget,
+                scaling,
+                plan.num_select_heads,
+                backend,
+                scratch,
+            )
+            return out.transpose(1, 2).contiguous(), None
         # Scores stay uncapped even where the model softcaps its logits: tanh is increasing, so capping
         # would not change which tokens rank highest (nor would the group's max, or a sink logit, which
         # only adds the same term to every key's denominator). The exact attention below caps and sinks.
@@ -92,7 +113,7 @@ def attend_over_labels(
     if rows > 1:
         selected = selection_mask(indices, slot_valid, length)
         out = masked_attention_reference(query, key, value, selected, scaling, **extras)
-    elif needs_grad(query, key, value):
+    elif recorded:
         out = sparse_attention_reference(query, key, value, indices, slot_valid, scaling, **extras)
     else:
         out = sparse_attention(query, key, value, indices, slot_valid, scaling, backend, scratch, **extras)

@@ -4,8 +4,8 @@
 use) on CPU tensors where a C compiler is found, and the torch references elsewhere.
 `backend="triton"` on CPU runs the kernels under the Triton interpreter (TRITON_INTERPRET=1 set
 before import), which is how they are tested without a GPU. `backend="cpu"` asks for the native
-kernels (label scores of 4-bit labels, selection and sparse attention; the other ops run their
-torch references).
+kernels (label scores of 4-bit labels, selection and sparse attention, and the three fused into one
+decode step; the other ops run their torch references).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import torch
 
 from .backends import BACKENDS
 from .dense_attention import dense_attention_reference, dense_attention_triton
+from .fused_decode import fused_decode_cpu, fused_decode_cpu_supports
 from .label_append import Labels, make_labels_reference, make_labels_triton
-from .label_scores import label_scores_cpu, label_scores_reference, label_scores_triton
+from .label_scores import gather_query_channels, label_scores_cpu, label_scores_reference, label_scores_triton
 from .native import native_available, require_native
 from .scratch import Scratch
 from .selection import select_tokens_cpu, select_tokens_reference
@@ -139,6 +140,62 @@ def sparse_attention(
     return sparse_attention_reference(
         query, keys, values, indices, slot_valid, scaling, scratch, sinks=sinks, softcap=softcap
     )
+
+
+def fused_decode(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    channels: torch.Tensor,
+    labels: Labels,
+    bits: int,
+    valid: torch.Tensor,
+    budgets: torch.Tensor,
+    sink_tokens: int,
+    recent_tokens: int,
+    max_budget: int,
+    scaling: float,
+    num_select_heads: int,
+    backend: str = "auto",
+    scratch: Optional[Scratch] = None,
+) -> torch.Tensor:
+    """Score, select and attend (see fused_decode.py): [B, H_q, L, d]; the three ops one by one where not fused."""
+    resolved = concrete_backend(backend, query.device)
+    # The fused kernel hands whole rows (batch x selection heads) to threads: with fewer rows than threads
+    # the separate kernels, which split each row's tokens over the threads, keep every thread busy.
+    rows = query.shape[0] * num_select_heads * query.shape[2]
+    if (
+        resolved == "cpu"
+        and rows >= _cpu_threads()
+        and fused_decode_cpu_supports(query, keys, values, channels, labels, bits, num_select_heads)
+    ):
+        return fused_decode_cpu(
+            query,
+            keys,
+            values,
+            channels,
+            labels,
+            bits,
+            valid,
+            budgets,
+            sink_tokens,
+            recent_tokens,
+            max_budget,
+            scaling,
+            num_select_heads,
+            scratch,
+        )
+    q_labels = gather_query_channels(query, channels)
+    scores = label_scores(q_labels, labels, bits, scaling, num_select_heads, resolved, scratch)
+    indices, slot_valid = select_tokens(
+        scores, valid, budgets, sink_tokens, recent_tokens, max_budget, resolved, scratch
+    )
+    return sparse_attention(query, keys, values, indices, slot_valid, scaling, resolved, scratch)
+
+
+@torch.compiler.assume_constant_result
+def _cpu_threads() -> int:
+    return torch.get_num_threads()
 
 
 def dense_attention(

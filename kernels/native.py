@@ -1,8 +1,8 @@
-"""The native CPU library (cpu_decode.c): built at first use with the system C compiler, verified, cached.
+"""The native CPU library (cpu_*.c, SOURCES): built at first use with the system C compiler, verified, cached.
 
 Build key. The library is compiled for this machine (`-march=native`): a file built elsewhere may
 hold instructions this CPU lacks (SIGILL). Its cache name is therefore a SHA-256 over everything the
-machine code depends on: the source, the ABI version, the compiler (path, resolved path and
+machine code depends on: every source file, the ABI version, the compiler (path, resolved path and
 `--version`), the compile and link flags, the OpenMP runtime it links, the machine and system, the
 CPU model line, the CPU feature flags (`flags` of /proc/cpuinfo on x86, `Features` on ARM, sorted)
 and the compiler's own expansion of `-march=native` (the `-m` options, `-target-cpu`/`-target-feature`
@@ -73,8 +73,19 @@ try:
 except ImportError:  # pragma: no cover - Windows, where the builds are not locked
     fcntl = None
 
-SOURCE = pathlib.Path(__file__).with_name("cpu_decode.c")
-ABI_VERSION = 2
+# Every file the library is built from: the .c files are compiled, the header is included by them all.
+SOURCES = tuple(
+    pathlib.Path(__file__).with_name(name)
+    for name in (
+        "cpu_decode.h",
+        "cpu_decode.c",
+        "cpu_label_scores.c",
+        "cpu_selection.c",
+        "cpu_sparse_attention.c",
+        "cpu_fused_decode.c",
+    )
+)
+ABI_VERSION = 3
 FLAG_SETS = (
     ["-O3", "-march=native", "-std=gnu11", "-fPIC", "-fopenmp"],
     ["-O3", "-std=gnu11", "-fPIC", "-fopenmp"],  # compilers without -march=native
@@ -240,7 +251,7 @@ def build_inputs(compiler: str, flags: list[str]) -> dict:
     if platform.system() == "Linux":
         link.append("-Wl,-z,defs")
     return {
-        "source_sha256": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        "source_sha256": {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in SOURCES},
         "abi_version": ABI_VERSION,
         "compiler": compiler,
         "compiler_realpath": os.path.realpath(compiler),
@@ -352,10 +363,13 @@ def _self_test(library: pathlib.Path, key: str) -> None:
 
 def _compile(compiler: str, inputs: dict, key: str, library: pathlib.Path) -> None:
     with tempfile.TemporaryDirectory(dir=library.parent, prefix=".build-") as work:
-        objects, built = os.path.join(work, "cpu_decode.o"), pathlib.Path(work) / library.name
+        built = pathlib.Path(work) / library.name
         define = f'-DDOUBLESPARSE_BUILD_KEY="{key}"'
-        _run([compiler, *inputs["flags"], define, "-c", str(SOURCE), "-o", objects], "compiling cpu_decode.c")
-        _run([compiler, objects, "-o", str(built), *inputs["link"]], "linking cpu_decode.c")
+        objects = []
+        for source in (path for path in SOURCES if path.suffix == ".c"):
+            objects.append(os.path.join(work, source.with_suffix(".o").name))
+            _run([compiler, *inputs["flags"], define, "-c", str(source), "-o", objects[-1]], f"compiling {source.name}")
+        _run([compiler, *objects, "-o", str(built), *inputs["link"]], "linking the native library")
         _self_test(built, key)
         record = {"key": key, "sha256": _sha256(built), "size": built.stat().st_size, "inputs": inputs}
         # Record first, library last: whoever sees the library also sees its record.
@@ -393,6 +407,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.doublesparse_sparse_attention.restype = None
     lib.doublesparse_sparse_attention.argtypes = (
         [ptr, ptr, ptr, i64, i64, i64, ptr, ptr] + [i64] * 4 + [ptr, ptr] + [i64] * 7 + [i32, f32, i32]
+    )
+    lib.doublesparse_fused_workspace_bytes.restype = i64
+    lib.doublesparse_fused_workspace_bytes.argtypes = [i64, i64, i64]
+    lib.doublesparse_fused_decode.restype = ctypes.c_int
+    lib.doublesparse_fused_decode.argtypes = (
+        [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr]
+        + [ptr, i64, i64, i64, ptr, ptr]
+        + [i64] * 12
+        + [i32, f32, i32]
     )
 
 

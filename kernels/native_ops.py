@@ -1,12 +1,13 @@
 """The native CPU kernels (cpu_decode.c) as torch custom ops, and the library calls they share with eager mode.
 
 `torch.compile` sees each kernel as one op (`doublesparse::label_scores_int4`, `::select_tokens`,
-`::sparse_attention`) with a fake implementation that gives its output's shape, so a compiled
-decode step neither traces into the loader (native.py) nor breaks its graph. The ops are
-functional, returning fresh tensors: under compile Inductor owns the memory, and a mutated `out`
-argument would only add a copy. Eager mode calls the `*_into` functions directly, into the decode
-step's scratch buffers (see scratch.py): the dispatcher costs 8-12 us a call here, three calls per
-layer per step. Both paths run the same code, so compiled and eager results are equal.
+`::sparse_attention`, and `::fused_decode`, the three in one) with a fake implementation that gives
+its output's shape, so a compiled decode step neither traces into the loader (native.py) nor breaks
+its graph. The ops are functional, returning fresh tensors: under compile Inductor owns the memory,
+and a mutated `out` argument would only add a copy. Eager mode calls the `*_into` functions directly,
+into the decode step's scratch buffers (see scratch.py): the dispatcher costs 8-12 us a call here,
+one call per layer per step with the fused op (three without). Both paths run the same code, so
+compiled and eager results are equal.
 
 The `*_into` functions check what the C code relies on for memory safety (shapes, dtypes, limits);
 the `*_cpu` wrappers in the kernel modules check the rest and say what to use instead. Indices
@@ -238,6 +239,151 @@ def sparse_attention_into(
     )
 
 
+def fused_decode_workspace_bytes(tokens: int, max_budget: int, group: int, threads: int) -> int:
+    """Bytes of the fused decode step's workspace for `threads` threads (the library's own formula)."""
+    return threads * native.require_library().doublesparse_fused_workspace_bytes(tokens, max_budget, group)
+
+
+def fused_decode_into(
+    query: torch.Tensor,
+    channels: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    budgets: torch.Tensor,
+    num_select_heads: int,
+    sink_tokens: int,
+    recent_tokens: int,
+    max_budget: int,
+    scaling: float,
+    out: torch.Tensor,
+    workspace: torch.Tensor,
+    indices: torch.Tensor | None = None,
+) -> None:
+    """Native fused decode step (4-bit label scores, selection, sparse attention) into `out`.
+
+    out: fp32 [B, H_q, L, d] at any strides with d contiguous (a [B, L, H_q, d] buffer seen transposed);
+    workspace: uint8, `fused_decode_workspace_bytes` for torch's thread count; `indices`, if given,
+    receives the selection (int64 [B, H_select, L, max_budget], contiguous) as select_tokens makes it.
+    """
+    lib = native.require_library()
+    limits = native.native_limits()
+    batch, num_q_heads, rows, head_dim = query.shape
+    num_label_heads, num_channels = channels.shape if channels.dim() == 2 else (0, 0)
+    num_kv_heads, num_tokens = keys.shape[1], keys.shape[2]
+    _on_cpu(query, channels, codes, scale, offset, keys, values, valid, budgets, out, workspace)
+    if not (
+        channels.dtype == torch.int64
+        and channels.dim() == 2
+        and 0 < num_label_heads
+        and num_channels % 2 == 0
+        and 0 < num_channels <= limits.max_head_dim
+        and codes.dtype == torch.uint8
+        and codes.shape == (batch, num_label_heads, num_tokens, num_channels // 2)
+        and scale.shape == offset.shape == (batch, num_label_heads, num_tokens)
+    ):
+        raise ValueError(
+            f"inconsistent label shapes: channels {channels.dtype} {tuple(channels.shape)}, codes {codes.dtype} "
+            f"{tuple(codes.shape)}, scale {tuple(scale.shape)}, offset {tuple(offset.shape)} for {num_tokens} tokens"
+        )
+    if not (
+        keys.dtype == values.dtype
+        and keys.dtype in ROW_KINDS
+        and keys.dim() == 4
+        and keys.shape == values.shape
+        and keys.shape[0] == batch
+        and keys.shape[3] == head_dim
+    ):
+        raise ValueError(
+            f"keys and values must be fp32/fp16/bf16 [B, H_kv, T, d] alike, got {keys.dtype} {tuple(keys.shape)} "
+            f"and {values.dtype} {tuple(values.shape)} for query {tuple(query.shape)}"
+        )
+    if not (
+        num_q_heads % num_label_heads == 0
+        and num_q_heads % num_select_heads == 0
+        and num_select_heads % num_kv_heads == 0
+        and sparse_attention_limits_hold(num_q_heads, num_select_heads, head_dim)
+    ):
+        raise ValueError(
+            f"{num_q_heads} query heads, {num_label_heads} label heads, {num_select_heads} selection heads and "
+            f"{num_kv_heads} KV heads do not nest, or exceed the library's {limits}"
+        )
+    if num_tokens > limits.max_select_tokens:
+        raise ValueError(f"native selection indexes at most {limits.max_select_tokens} tokens, got {num_tokens}")
+    if not (valid.shape == (batch, rows, num_tokens) and budgets.shape == (batch, rows)):
+        raise ValueError(
+            f"valid must be [B, L, T] = {(batch, rows, num_tokens)} and budgets [B, L], "
+            f"got {tuple(valid.shape)} and {tuple(budgets.shape)}"
+        )
+    if not (out.shape == query.shape and out.dtype == torch.float32 and out.stride(3) == 1):
+        raise ValueError(
+            f"out must be float32 {tuple(query.shape)} with contiguous rows, got {out.dtype} {tuple(out.shape)}"
+        )
+    threads = max(1, torch.get_num_threads())
+    group = num_q_heads // num_select_heads
+    needed = fused_decode_workspace_bytes(num_tokens, max_budget, group, threads)
+    if not (workspace.dtype == torch.uint8 and workspace.is_contiguous() and workspace.numel() >= needed):
+        raise ValueError(f"workspace must be contiguous uint8 of at least {needed} bytes")
+    index_shape = (batch, num_select_heads, rows, max_budget)
+    if indices is not None and not (
+        indices.shape == index_shape and indices.dtype == torch.int64 and indices.is_contiguous()
+    ):
+        raise ValueError(f"indices must be contiguous int64 {index_shape}, got {indices.dtype} {tuple(indices.shape)}")
+    if out.numel() == 0:
+        return
+    queries = query.float().contiguous()
+    channels = channels.contiguous()
+    if codes.stride(3) != 1:
+        codes = codes.contiguous()
+    if not (scale.dtype == offset.dtype == torch.float16) or scale.stride() != offset.stride() or scale.stride(2) != 1:
+        scale, offset = scale.half().contiguous(), offset.half().contiguous()
+    if keys.stride() != values.stride() or keys.stride(3) != 1:
+        keys, values = keys.contiguous(), values.contiguous()
+    valid = valid.bool()
+    budgets = budgets.to(torch.int64).contiguous()
+    status = lib.doublesparse_fused_decode(
+        queries.data_ptr(),
+        channels.data_ptr(),
+        codes.data_ptr(),
+        *codes.stride()[:3],
+        scale.data_ptr(),
+        offset.data_ptr(),
+        *scale.stride()[:2],
+        keys.data_ptr(),
+        values.data_ptr(),
+        *keys.stride()[:3],
+        valid.data_ptr(),
+        *valid.stride(),
+        budgets.data_ptr(),
+        out.data_ptr(),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        None if indices is None else indices.data_ptr(),
+        workspace.data_ptr(),
+        batch,
+        num_q_heads,
+        num_label_heads,
+        num_kv_heads,
+        num_select_heads,
+        rows,
+        num_tokens,
+        num_channels,
+        max_budget,
+        head_dim,
+        sink_tokens,
+        recent_tokens,
+        ROW_KINDS[keys.dtype],
+        float(scaling),
+        threads,
+    )
+    if status:  # the library checks the channels (it indexes the query rows with them) before any work
+        raise ValueError(f"label channels must lie in [0, {head_dim}), got {channels.min()}..{channels.max()}")
+
+
 @torch.library.custom_op("doublesparse::label_scores_int4", mutates_args=(), device_types="cpu")
 def label_scores_int4(
     queries: torch.Tensor,
@@ -305,3 +451,68 @@ def sparse_attention_op(
 @sparse_attention_op.register_fake
 def _(query, keys, values, indices, slot_valid, scaling):
     return query.new_empty(query.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("doublesparse::fused_decode", mutates_args=(), device_types="cpu")
+def fused_decode_op(
+    query: torch.Tensor,
+    channels: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    budgets: torch.Tensor,
+    num_select_heads: int,
+    sink_tokens: int,
+    recent_tokens: int,
+    max_budget: int,
+    scaling: float,
+) -> torch.Tensor:
+    """fp32 attention [B, L, H_q, d] (the attention function's layout) of the fused step (see fused_decode_cpu)."""
+    batch, num_q_heads, rows, head_dim = query.shape
+    out = torch.empty((batch, rows, num_q_heads, head_dim), dtype=torch.float32)
+    threads = max(1, torch.get_num_threads())
+    group = num_q_heads // max(num_select_heads, 1)
+    workspace = torch.empty(fused_decode_workspace_bytes(keys.shape[2], max_budget, group, threads), dtype=torch.uint8)
+    fused_decode_into(
+        query,
+        channels,
+        codes,
+        scale,
+        offset,
+        keys,
+        values,
+        valid,
+        budgets,
+        num_select_heads,
+        sink_tokens,
+        recent_tokens,
+        max_budget,
+        scaling,
+        out.transpose(1, 2),
+        workspace,
+    )
+    return out
+
+
+@fused_decode_op.register_fake
+def _(
+    query,
+    channels,
+    codes,
+    scale,
+    offset,
+    keys,
+    values,
+    valid,
+    budgets,
+    num_select_heads,
+    sink_tokens,
+    recent_tokens,
+    max_budget,
+    scaling,
+):
+    batch, num_q_heads, rows, head_dim = query.shape
+    return query.new_empty((batch, rows, num_q_heads, head_dim), dtype=torch.float32)
