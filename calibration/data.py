@@ -38,7 +38,12 @@ def default_data_path() -> Optional[Path]:
 
 
 def read_documents(source: PathLike, *, field: str = "text", split: str = "train") -> list[str]:
-    """The non-empty documents of a text file, folder of .txt, jsonl file, saved dataset or dataset name."""
+    """The non-empty documents of a text file, folder of .txt, jsonl file, saved dataset, dataset name, or
+    `pydoc-topics:calibration` / `pydoc-topics:heldout` (the Python help topics, see pydoc_topics.py)."""
+    from .pydoc_topics import is_topics_source, topic_documents
+
+    if is_topics_source(str(source)):
+        return topic_documents(str(source))
     path = Path(source)
     if path.is_dir():
         if (

@@ -31,12 +31,17 @@ TINY_LLAMA = dict(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the calibration benchmark."""
-    parser.add_argument("--model", help="model folder to time (default: a random tiny Llama, see TINY_LLAMA)")
+    parser.add_argument(
+        "--model",
+        help="model to time: a folder, a .gguf file, a hub id, 'smollm2' or 'bundled' "
+        "(default: a random tiny Llama, see TINY_LLAMA)",
+    )
     parser.add_argument("--blocks", type=int, default=64, help="calibration blocks (default: 64)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per block (default: 512)")
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default: 8)")
-    parser.add_argument("--kind", default="qk", choices=("q", "k", "qk"),
-                        help="ranking kind (all three are collected anyway)")
+    parser.add_argument(
+        "--kind", default="qk", choices=("q", "k", "qk"), help="ranking kind (all three are collected anyway)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
     parser.add_argument("--no-baseline", action="store_true", help="skip timing the plain forward pass")
@@ -97,13 +102,14 @@ def _model(path: Optional[str], device: str) -> tuple[Any, str]:
     import transformers
 
     if path:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        from doublesparse.loading import load_model
+
+        model, _ = load_model(path, dtype=torch.float32, device=device)
         name = str(path)
     else:
         torch.manual_seed(0)
         config = transformers.LlamaConfig(**TINY_LLAMA)
-        model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa",
-                                                           dtype=torch.float32)
+        model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         name = "random tiny Llama (4 layers, hidden 256, 8/4 heads, head_dim 32)"
     return model.to(device).eval(), name
 
@@ -117,4 +123,3 @@ def _plain_forward_seconds(model: Any, blocks: Any, batch_size: int) -> float:
         for start in range(0, len(blocks), batch_size):
             model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1)
     return time.perf_counter() - started
-

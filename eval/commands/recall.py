@@ -29,12 +29,20 @@ TASKS = ("kv", "passkey")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `doublesparse recall`."""
-    parser.add_argument("--model", default="bundled", help="'bundled' (default), 'tiny-random' or a local model folder")
-    parser.add_argument("--channels", default=None,
-                        help="channel mask file (doublesparse calibrate), or 'calibrate' to calibrate now on the "
-                             "bundled calibration text; default: the bundled model's shipped mask, else calibrate now")
-    parser.add_argument("--task", default="kv", choices=TASKS,
-                        help="retrieval prompts: key-value lines (default) or passkey")
+    parser.add_argument(
+        "--model",
+        default="bundled",
+        help="'bundled' (default), 'smollm2', 'tiny-random', a model folder, a .gguf file or a hub id",
+    )
+    parser.add_argument(
+        "--channels",
+        default=None,
+        help="channel mask file (doublesparse calibrate), or 'calibrate' to calibrate now on the "
+        "bundled calibration text; default: the bundled model's shipped mask, else calibrate now",
+    )
+    parser.add_argument(
+        "--task", default="kv", choices=TASKS, help="retrieval prompts: key-value lines (default) or passkey"
+    )
     parser.add_argument("--context-length", type=int, default=1024, help="prompt length in tokens (default: 1024)")
     parser.add_argument("--num-prompts", type=int, default=4, help="prompts (default: 4)")
     parser.add_argument("--steps", type=int, default=32, help="greedy decode steps per prompt (default: 32)")
@@ -43,14 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-bits", type=int, default=16, choices=(16, 8, 4), help="label width (default: 16)")
     parser.add_argument("--sink-tokens", type=int, default=0, help="first tokens always kept (default: 0)")
     parser.add_argument("--recent-tokens", type=int, default=0, help="newest tokens always kept (default: 0)")
-    parser.add_argument("--selection", default="group", choices=("group", "head"),
-                        help="one selection per KV head or per query head")
-    parser.add_argument("--min-recall", type=float, default=0.5,
-                        help="recall below which the default rule copies a layer synchronously (default: 0.5)")
+    parser.add_argument(
+        "--selection", default="group", choices=("group", "head"), help="one selection per KV head or per query head"
+    )
+    parser.add_argument(
+        "--min-recall",
+        type=float,
+        default=0.5,
+        help="recall below which the default rule copies a layer synchronously (default: 0.5)",
+    )
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts (and of calibration)")
-    parser.add_argument("--out", default="./results/prefetch-recall.json",
-                        help="JSON file (default: ./results/prefetch-recall.json)")
+    parser.add_argument(
+        "--out", default="./results/prefetch-recall.json", help="JSON file (default: ./results/prefetch-recall.json)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -62,9 +76,15 @@ def sparsity_config(args: argparse.Namespace) -> Any:
     if not 0.0 <= args.min_recall <= 1.0:
         raise ValueError(f"--min-recall must lie in [0, 1], got {args.min_recall}")
     return SparsityConfig(
-        num_channels=args.num_channels, token_budget=float(budget), label_bits=args.label_bits,
-        sink_tokens=args.sink_tokens, recent_tokens=args.recent_tokens, selection=args.selection, offload=True,
-        prefetch=True, prefetch_min_recall=float(args.min_recall),
+        num_channels=args.num_channels,
+        token_budget=float(budget),
+        label_bits=args.label_bits,
+        sink_tokens=args.sink_tokens,
+        recent_tokens=args.recent_tokens,
+        selection=args.selection,
+        offload=True,
+        prefetch=True,
+        prefetch_min_recall=float(args.min_recall),
     )
 
 
@@ -84,20 +104,28 @@ def aggregate(prompts: list[dict[str, Any]], num_layers: int, min_recall: float)
     layers = []
     for index in range(num_layers):
         key = str(index)
-        measured = [(p["recall"][key], p["recall_steps"][key])
-                    for p in prompts if key in p["recall"] and p["recall_steps"][key]]
+        measured = [
+            (p["recall"][key], p["recall_steps"][key]) for p in prompts if key in p["recall"] and p["recall_steps"][key]
+        ]
         steps = sum(count for _, count in measured)
         if not steps:
-            layers.append({"layer": index, "predicted": False, "mean_recall": None, "steps": 0,
-                           "copy": "sync (not predicted)"})
+            layers.append(
+                {"layer": index, "predicted": False, "mean_recall": None, "steps": 0, "copy": "sync (not predicted)"}
+            )
             continue
         mean = sum(recall * count for recall, count in measured) / steps
         per_prompt = [recall for recall, _ in measured]
-        layers.append({
-            "layer": index, "predicted": True, "mean_recall": mean, "steps": steps,
-            "min_prompt_recall": min(per_prompt), "max_prompt_recall": max(per_prompt),
-            "copy": "sync" if mean < min_recall else "prefetch",
-        })
+        layers.append(
+            {
+                "layer": index,
+                "predicted": True,
+                "mean_recall": mean,
+                "steps": steps,
+                "min_prompt_recall": min(per_prompt),
+                "max_prompt_recall": max(per_prompt),
+                "copy": "sync" if mean < min_recall else "prefetch",
+            }
+        )
     return layers
 
 
@@ -147,19 +175,25 @@ def run(args: argparse.Namespace) -> int:
     layout = source.layout()
     config.check_model(layout.num_layers, layout.head_dim)
     if layout.num_layers < 2:
-        raise ValueError(f"model {source.name!r} has {layout.num_layers} layer: prefetching predicts layer i+1 from "
-                         "layer i, pick a model with 2 or more")
+        raise ValueError(
+            f"model {source.name!r} has {layout.num_layers} layer: prefetching predicts layer i+1 from "
+            "layer i, pick a model with 2 or more"
+        )
     positions = getattr(source.config(), "max_position_embeddings", None)
     if positions is not None and args.context_length + args.steps > positions:
-        raise ValueError(f"--context-length + --steps = {args.context_length + args.steps} exceeds the model's "
-                         f"{positions} positions: lower them")
+        raise ValueError(
+            f"--context-length + --steps = {args.context_length + args.steps} exceeds the model's "
+            f"{positions} positions: lower them"
+        )
     channels = args.channels
     if channels is None:
         shipped = shipped_mask_path() if source.name == BUNDLED else None
         channels = str(shipped) if shipped else CALIBRATE
     if channels == CALIBRATE and source.name not in (BUNDLED, TINY_RANDOM):
-        raise ValueError("--channels calibrate uses the bundled model's calibration text; pass --channels with a mask "
-                         "made for this model")
+        raise ValueError(
+            "--channels calibrate uses the bundled model's calibration text; pass --channels with a mask "
+            "made for this model"
+        )
     if channels != CALIBRATE:
         load_channel_mask(channels, layout)
     out = Path(args.out)
@@ -167,8 +201,9 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = source.load()
     model.to(device)
-    mask, channels_info = obtain_channel_mask(channels, source, model, tokenizer, seed=args.seed,
-                                              progress=not args.no_progress)
+    mask, channels_info = obtain_channel_mask(
+        channels, source, model, tokenizer, seed=args.seed, progress=not args.no_progress
+    )
     prompts = retrieval_prompts(args.task, tokenizer, args.context_length, args.num_prompts, args.seed)
 
     per_prompt = []
@@ -178,20 +213,33 @@ def run(args: argparse.Namespace) -> int:
             cache = ds.make_cache(model, measure_recall=True)
             generated = greedy_decode(model, input_ids, cache, args.steps)
             report = cache.prefetch_report()
-            per_prompt.append({
-                "prompt_tokens": int(input_ids.shape[1]), "answer": answer, "generated": tokenizer.decode(generated),
-                "recall": report["recall"], "recall_steps": report["recall_steps"],
-                "cache_sync_layers": report["sync_layers"],
-            })
+            per_prompt.append(
+                {
+                    "prompt_tokens": int(input_ids.shape[1]),
+                    "answer": answer,
+                    "generated": tokenizer.decode(generated),
+                    "recall": report["recall"],
+                    "recall_steps": report["recall_steps"],
+                    "cache_sync_layers": report["sync_layers"],
+                }
+            )
 
     document = {
         "format": "doublesparse.prefetch_recall",
         "options": {name: value for name, value in vars(args).items() if not name.startswith("_")},
         "model": source.info(),
         "channels": channels_info,
-        "settings": {"task": args.task, "context_length": args.context_length, "num_prompts": args.num_prompts,
-                     "steps": args.steps, "seed": args.seed, "budget": args.budget, "min_recall": args.min_recall,
-                     "device": str(device), "sparsity_config": config.to_dict()},
+        "settings": {
+            "task": args.task,
+            "context_length": args.context_length,
+            "num_prompts": args.num_prompts,
+            "steps": args.steps,
+            "seed": args.seed,
+            "budget": args.budget,
+            "min_recall": args.min_recall,
+            "device": str(device),
+            "sparsity_config": config.to_dict(),
+        },
         **provenance(device),
         "layers": aggregate(per_prompt, layout.num_layers, args.min_recall),
         "prompts": per_prompt,
@@ -202,4 +250,3 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(document))
     print(f"wrote {out}")
     return 0
-

@@ -37,6 +37,10 @@ class DoubleSparsityMethod(Method):
     def patch(self, model, config, channels=None):
         return doublesparse.patched(model, self.channel_mask(model, channels), config)
 
+    def prefix_cache(self, model, prefix):
+        # The label cache appends the prefix's labels as a patched prefill would (labels are per token).
+        return prefix.fill(doublesparse.make_cache(model))
+
 
 class RandomChannelsMethod(DoubleSparsityMethod):
     """Ablation: Double Sparsity with the same r but random channels instead of calibrated ones."""
@@ -58,4 +62,3 @@ class RandomChannelsMethod(DoubleSparsityMethod):
         shape = (layout.num_layers, layout.num_kv_heads, layout.head_dim)
         ranking = torch.rand(shape, generator=generator).argsort(dim=-1)
         return ChannelMask(ranking, "qk", layout, per_kv_head=True, calibration={"source": f"random, seed {self.seed}"})
-

@@ -7,6 +7,7 @@ from typing import Any, Callable
 from .base import Method
 from .baselines import DenseMethod, H2OMethod, OracleTopKMethod, QuestMethod, SparQMethod, StreamingLLMMethod
 from .double_sparsity import DoubleSparsityMethod, RandomChannelsMethod
+from .names import METHOD_NAMES
 
 
 def method_registry() -> dict[str, Callable[[], Method]]:
@@ -23,7 +24,8 @@ def method_registry() -> dict[str, Callable[[], Method]]:
     }
 
 
-METHOD_NAMES = tuple(method_registry())
+if tuple(method_registry()) != METHOD_NAMES:  # pragma: no cover - a registry edit without names.py
+    raise ImportError("eval/methods/names.py must list the registry's methods in order")
 
 
 def make_method(name: str, **options: Any) -> Method:

@@ -14,6 +14,7 @@ from doublesparse.cli import main as cli_main
 from doublesparse.eval.commands import evaluate as command
 from doublesparse.eval.harness.runner import execute_plan
 from doublesparse.eval.models import source as model_source
+
 from tiny_models import random_channel_mask, tiny_model
 
 
@@ -43,14 +44,14 @@ def no_model_loading(monkeypatch):
     "overrides, message",
     [
         ({"method": "dense,h3o"}, "unknown method 'h3o'"),
-        ({"task": "perplexity,needle"}, "unknown task 'needle'"),
+        ({"task": "perplexity,haystack"}, "unknown task 'haystack'"),
         ({"sparsity": "1/4,0"}, "must lie in \\(0, 1\\]"),
         ({"sparsity": "1.5"}, "must lie in \\(0, 1\\]"),
         ({"sparsity": "1/0"}, "not a number"),
         ({"sparsity": "a quarter"}, "not a number"),
         ({"num_channels": 64}, "r must be <= head_dim"),
         ({"num_samples": 0}, "--num-samples"),
-        ({"model": "/no/such/model"}, "cannot read the config"),
+        ({"model": "/no/such/model"}, "is not a folder or a .gguf file"),
         ({"channels": "/no/such/mask.safetensors", "method": "double_sparsity"}, "does not exist"),
         ({"text": "/no/such/text.txt"}, "is not a file"),
         ({"task": "lm_eval:", "method": "dense"}, "unknown task 'lm_eval:'"),
@@ -79,9 +80,18 @@ def test_cli_reports_bad_input_as_an_error(no_model_loading, capsys):
 def test_small_run_writes_reproducible_results(tmp_path):
     out = tmp_path / "results.json"
     args = eval_args(
-        method="dense,double_sparsity,h2o", task="perplexity,kv_retrieval", sparsity="1/4,1/2", num_samples=2,
-        context_length=128, window=64, num_windows=2, out=str(out), csv="", plot=str(tmp_path / "plot.png"),
-        no_progress=True, num_channels=8,
+        method="dense,double_sparsity,h2o",
+        task="perplexity,kv_retrieval",
+        sparsity="1/4,1/2",
+        num_samples=2,
+        context_length=128,
+        window=64,
+        num_windows=2,
+        out=str(out),
+        csv="",
+        plot=str(tmp_path / "plot.png"),
+        no_progress=True,
+        num_channels=8,
     )
     plan = command.plan_from_args(args)
     document = execute_plan(plan, progress=False, command=["doublesparse", "eval", "..."])
@@ -92,8 +102,12 @@ def test_small_run_writes_reproducible_results(tmp_path):
     runs = {(r["task"], r["method"], r["sparsity_label"]) for r in saved["results"]}
     assert ("perplexity", "dense", "dense") in runs and ("kv_retrieval", "h2o", "1/4") in runs and len(runs) == 10
     sparse_row = next(r for r in saved["results"] if r["method"] == "double_sparsity")
-    # Perplexity comes first.
-    assert sparse_row["config"]["num_channels"] == 8 and sparse_row["config"]["simulate"] is True
+    # Perplexity comes first; its default protocol decodes after a dense prompt (no simulate).
+    assert sparse_row["config"]["num_channels"] == 8 and sparse_row["config"]["simulate"] is False
+    assert sparse_row["protocol"] == "continuation" and saved["tasks"]["perplexity"]["protocol"] == "continuation"
+    journal = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    samples = [r for r in journal if r["record"] == "sample"]
+    assert len(samples) == 2 * 5 + 2 * 5  # 2 windows and 2 prompts, each under 5 (method, sparsity) runs
     with open(tmp_path / "results.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 10
     assert (tmp_path / "plot.png").stat().st_size > 1000
