@@ -2,7 +2,9 @@
 
 One pass over the calibration blocks collects the q, k and qk statistics together (see
 `statistics.py`); the mask is ranked by `kind` and stores all three, so `ChannelMask.with_kind` can
-switch without calibrating again. Statistics are stored per query head (k: each query head holds its
+switch without calibrating again. The same pass collects the second moments of q and k that the
+low-rank label projections are made from (`projection.py`; `projection=False` skips them).
+Statistics are stored per query head (k: each query head holds its
 KV head's row), so `ChannelMask.per_kv` sums a group.
 """
 
@@ -22,6 +24,7 @@ from doublesparse.support import attention_modules, check_supported
 
 from .capture import capturing
 from .data import calibration_blocks
+from .projection import ProjectionStatistics, StatisticsGroup
 from .statistics import ChannelStatistics
 
 
@@ -38,6 +41,7 @@ def calibrate(
     keep_rope_pairs: bool = False,
     progress: bool = True,
     source: Optional[str] = None,
+    projection: bool = True,
 ) -> ChannelMask:
     """Calibrate `model` on `texts` (packed into `num_samples` blocks of `seq_len` tokens); rank channels by `kind`."""
     if isinstance(texts, (str, bytes)):
@@ -60,6 +64,7 @@ def calibrate(
         keep_rope_pairs=keep_rope_pairs,
         progress=progress,
         calibration=settings,
+        projection=projection,
     )
 
 
@@ -73,6 +78,7 @@ def calibrate_blocks(
     keep_rope_pairs: bool = False,
     progress: bool = True,
     calibration: Optional[dict[str, Any]] = None,
+    projection: bool = True,
 ) -> ChannelMask:
     """Calibrate `model` on token blocks [N, L] (padding 0 in `attention_mask`); rank its channels by `kind`."""
     check_settings(kind=kind, batch_size=batch_size)
@@ -82,7 +88,9 @@ def calibrate_blocks(
     started = _start_time()
 
     statistics = ChannelStatistics(layout)
-    _run_forwards(model, modules, statistics, input_ids, attention_mask, batch_size, progress)
+    moments = ProjectionStatistics(layout) if projection else None
+    recorder = StatisticsGroup([statistics, moments]) if moments is not None else statistics
+    _run_forwards(model, modules, recorder, input_ids, attention_mask, batch_size, progress)
     means = statistics.means()
     metadata = {
         "source": "token blocks",
@@ -93,6 +101,7 @@ def calibrate_blocks(
         "kind": kind,
         "keep_rope_pairs": bool(keep_rope_pairs),
         "rope_pair_dim": pair_dim,
+        "projection": moments is not None,
         "model": layout.name,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "versions": _versions(),
@@ -105,6 +114,7 @@ def calibrate_blocks(
         per_kv_head=False,
         statistics=means,
         calibration=metadata,
+        projection=moments.projections() if moments is not None else {},
     )
 
 
@@ -171,7 +181,7 @@ def _check_blocks(
 def _run_forwards(
     model: torch.nn.Module,
     modules: list[torch.nn.Module],
-    statistics: ChannelStatistics,
+    statistics: "ChannelStatistics | StatisticsGroup",
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor],
     batch_size: int,

@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--keep-rope-pairs", action="store_true", help="rank RoPE channel pairs, keeping both members together"
     )
     parser.add_argument(
+        "--no-projection",
+        action="store_true",
+        help="do not store the low-rank label projections (SparsityConfig(labels='projection')) in the mask",
+    )
+    parser.add_argument(
         "--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32; statistics are fp32 anyway)"
     )
     parser.add_argument("--device-map", help='passed to from_pretrained, e.g. "auto" to split the model over devices')
@@ -94,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         keep_rope_pairs=args.keep_rope_pairs,
         progress=not args.no_progress,
         source=str(data),
+        projection=not args.no_projection,
     )
     seconds = time.perf_counter() - started
     mask.save(out)

@@ -1,8 +1,10 @@
 """`ChannelMask`: per layer and head, the ranking of the head_dim channels by importance.
 
 Stored as safetensors: the ranking tensor (and, when calibration produced them, the per-channel
-statistics of every kind), with JSON metadata (kind, head layout, model identity, calibration
-settings). The authors' JSON format (also read by SGLang) loads too.
+statistics of every kind and the low-rank label projections), with JSON metadata (kind, head layout,
+model identity, calibration settings). Format version 2 added the optional projections
+(`projection.key`, `projection.query`); version 1 files load unchanged. The authors' JSON format (also
+read by SGLang) loads too.
 
 Reducing per-query-head rankings to per-KV-head ones (GQA). Where per-channel statistics are stored,
 the statistics of the query heads of a group are summed and ranked again. Where only rankings exist
@@ -30,7 +32,8 @@ from .layout import HeadLayout
 logger = logging.getLogger(__name__)
 
 KINDS = ("q", "k", "qk")
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")  # 2: optional low-rank label projections
 PathLike = Union[str, os.PathLike]
 
 
@@ -40,6 +43,9 @@ class ChannelMask:
 
     `per_kv_head` says whether rows are KV heads or query heads. `statistics` optionally holds, per
     kind, the per-channel importance [num_layers, num_heads, head_dim] the ranking came from.
+    `projection` optionally holds the calibrated low-rank label projections, per KV head whatever the
+    rows: "key" and "query" [num_layers, num_kv_heads, head_dim, rank], columns in decreasing order of
+    importance, so their first r columns are the rank-r labels (see kernels/label_projection.py).
     """
 
     ranking: torch.Tensor
@@ -48,12 +54,14 @@ class ChannelMask:
     per_kv_head: bool
     statistics: dict[str, torch.Tensor] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    projection: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"ChannelMask kind must be one of {KINDS}, got {self.kind!r}")
         self.ranking = torch.as_tensor(self.ranking).to(torch.int64)
         self.check_rankings()
+        self.check_projection()
 
     # ----------------------------------------------------------------------------------- shape
     @property
@@ -92,6 +100,39 @@ class ChannelMask:
                 "(duplicated or missing indices): recalibrate or fix the file"
             )
 
+    def check_projection(self) -> None:
+        """Raise ValueError unless the projections, if any, are key and query tables of one shape fitting the mask."""
+        if not self.projection:
+            return
+        if set(self.projection) != {"key", "query"}:
+            raise ValueError(f"a mask's projection holds 'key' and 'query' tables, got {sorted(self.projection)}")
+        key, query = self.projection["key"], self.projection["query"]
+        if key.shape != query.shape or key.dim() != 4:
+            raise ValueError(
+                f"projection tables must be two [layers, kv_heads, head_dim, rank] tensors of one shape, got "
+                f"{tuple(key.shape)} and {tuple(query.shape)}: recalibrate"
+            )
+        if key.shape[0] != self.num_layers or key.shape[2] != self.head_dim:
+            raise ValueError(
+                f"projection tables {tuple(key.shape)} do not fit a mask of {self.num_layers} layers and head_dim "
+                f"{self.head_dim}: recalibrate"
+            )
+
+    def projection_tables(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rank-`rank` label projections (key, query), each [layers, kv_heads, head_dim, rank], fp32."""
+        if not self.projection:
+            raise ValueError(
+                "this channel mask holds no label projections: calibrate it again with this version "
+                "(doublesparse calibrate), or use labels='channels'"
+            )
+        stored = self.projection["key"].shape[3]
+        if not 1 <= rank <= stored:
+            raise ValueError(f"projection labels of rank {rank}: this mask stores ranks 1..{stored}")
+        return (
+            self.projection["key"][..., :rank].float().contiguous(),
+            self.projection["query"][..., :rank].float().contiguous(),
+        )
+
     def validate(self, layout: HeadLayout) -> None:
         """Raise ValueError, saying what to do, unless this mask fits a model with `layout`."""
         again = "calibrate this model (doublesparse calibrate) or pass the mask made for it"
@@ -106,6 +147,11 @@ class ChannelMask:
             rows = "KV heads" if self.per_kv_head else "query heads"
             raise ValueError(
                 f"channel mask has {self.num_heads} rows of {rows} per layer but the model has {wanted} {rows}: {again}"
+            )
+        if self.projection and self.projection["key"].shape[1] != layout.num_kv_heads:
+            raise ValueError(
+                f"channel mask projections have {self.projection['key'].shape[1]} KV heads but the model has "
+                f"{layout.num_kv_heads}: {again}"
             )
         if self.layout.name and layout.name and self.layout.name != layout.name:
             logger.warning("channel mask was calibrated on %r, applied to %r", self.layout.name, layout.name)
@@ -154,6 +200,8 @@ class ChannelMask:
         tensors = {"ranking": self.ranking.to(torch.int32).contiguous()}
         for kind, stat in self.statistics.items():
             tensors[f"statistics.{kind}"] = stat.float().contiguous()
+        for side, table in self.projection.items():
+            tensors[f"projection.{side}"] = table.float().contiguous()
         metadata = {
             "format": "doublesparse.channel_mask",
             "format_version": FORMAT_VERSION,
@@ -180,6 +228,12 @@ class ChannelMask:
             metadata = handle.metadata() or {}
             if metadata.get("format") != "doublesparse.channel_mask":
                 raise ValueError(f"{str(path)!r} is not a doublesparse channel mask (no format metadata)")
+            version = metadata.get("format_version", "1")
+            if version not in READABLE_VERSIONS:
+                raise ValueError(
+                    f"{str(path)!r} is a channel mask of format version {version}; this doublesparse reads versions "
+                    f"{', '.join(READABLE_VERSIONS)}: upgrade doublesparse"
+                )
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         mask = cls(
             ranking=tensors["ranking"],
@@ -188,6 +242,7 @@ class ChannelMask:
             per_kv_head=json.loads(metadata["per_kv_head"]),
             statistics={n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith("statistics.")},
             calibration=json.loads(metadata.get("calibration", "{}")),
+            projection={n.split(".", 1)[1]: t for n, t in tensors.items() if n.startswith("projection.")},
         )
         return mask.with_kind(kind) if kind else mask
 

@@ -11,6 +11,7 @@ from .kernels.dispatch import BACKENDS
 
 LABEL_BITS = (16, 8, 4)
 SELECTIONS = ("group", "head")
+LABEL_KINDS = ("channels", "projection")
 
 TokenBudget = Union[int, float]
 
@@ -28,6 +29,10 @@ class SparsityConfig:
                    fraction of the current (unpadded) length, rounded up.
     label_bits:    16 (keys' 16-bit dtype, fp16 for fp32 models), 8 or 4 (asymmetric integer
                    quantization per token and head, int4 packed two per byte).
+    labels:        "channels" = a label is the key's r calibrated channels (the paper's labels);
+                   "projection" = a label is a calibrated rank-r linear map of the key (and the query
+                   label its partner map of the query), stored in the channel mask by calibration;
+                   per KV head, so it needs selection="group".
     sink_tokens:   first tokens always kept, counted inside the budget.
     recent_tokens: newest tokens always kept (the current token is always kept, whatever this is),
                    counted inside the budget.
@@ -55,6 +60,7 @@ class SparsityConfig:
     num_channels: int = 16
     token_budget: TokenBudget = 1 / 16
     label_bits: int = 16
+    labels: str = "channels"
     sink_tokens: int = 0
     recent_tokens: int = 0
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
@@ -107,6 +113,10 @@ class SparsityConfig:
             _fail("dense_layers", self.dense_layers, "a sequence of non-negative layer indices")
         if self.selection not in SELECTIONS:
             _fail("selection", self.selection, f"allowed values are {SELECTIONS}")
+        if self.labels not in LABEL_KINDS:
+            _fail("labels", self.labels, f"allowed values are {LABEL_KINDS}")
+        if self.labels == "projection" and self.selection != "group":
+            _fail("labels", self.labels, "projection labels are calibrated per KV head: use selection='group'")
         if self.backend not in BACKENDS:
             _fail("backend", self.backend, f"allowed values are {BACKENDS}")
         if not isinstance(self.simulate, bool):

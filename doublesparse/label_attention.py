@@ -15,7 +15,7 @@ import torch
 
 from .kernels.dispatch import label_scores, make_labels, select_tokens, sparse_attention
 from .kernels.label_append import Labels
-from .kernels.label_scores import gather_query_channels
+from .kernels.label_projection import query_labels
 from .kernels.scratch import Scratch
 from .kernels.sparse_attention import masked_attention_reference, selection_mask
 from .plan import LayerPlan
@@ -65,7 +65,7 @@ def attend_over_labels(
     if labels is None or labels.codes.shape[2] != length:
         labels = make_labels(key, channels, config.label_bits, backend)
     scores = label_scores(
-        gather_query_channels(query, channels),
+        query_labels(query, channels),
         labels,
         config.label_bits,
         scaling,

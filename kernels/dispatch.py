@@ -17,11 +17,17 @@ import torch
 
 from .dense_attention import dense_attention_reference, dense_attention_triton
 from .label_append import Labels, make_labels_reference, make_labels_triton
+from .label_projection import KeyProjection, LabelMap, project_keys
 from .label_scores import label_scores_cpu, label_scores_reference, label_scores_triton
 from .native import native_available, require_library
 from .scratch import Scratch
 from .selection import select_tokens_cpu, select_tokens_reference
-from .sparse_attention import sparse_attention_cpu, sparse_attention_cpu_supports, sparse_attention_reference, sparse_attention_triton
+from .sparse_attention import (
+    sparse_attention_cpu,
+    sparse_attention_cpu_supports,
+    sparse_attention_reference,
+    sparse_attention_triton,
+)
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 
@@ -66,8 +72,11 @@ def concrete_backend(backend: str, device: torch.device) -> str:
     return resolve_backend(backend, device) if backend == "auto" else backend
 
 
-def make_labels(keys: torch.Tensor, channels: torch.Tensor, bits: int, backend: str = "auto") -> Labels:
-    """Labels of new keys [B, H_kv, T, d] for label heads with `channels` [H_label, r]."""
+def make_labels(keys: torch.Tensor, channels: LabelMap, bits: int, backend: str = "auto") -> Labels:
+    """Labels of new keys [B, H_kv, T, d] for label heads with `channels` [H_label, r] or a `KeyProjection`."""
+    if isinstance(channels, KeyProjection):
+        # Projected keys are the labels themselves: every kernel then stores all r of their lanes.
+        keys, channels = project_keys(keys, channels), channels.identity_channels()
     if concrete_backend(backend, keys.device) == "triton":
         return make_labels_triton(keys, channels, bits)
     return make_labels_reference(keys, channels, bits)

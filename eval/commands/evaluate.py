@@ -142,6 +142,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="double_sparsity label precision (default: %(default)s)",
     )
     add(
+        "--labels",
+        default=DEFAULTS.labels,
+        choices=("channels", "projection"),
+        help="double_sparsity labels: the key's r calibrated channels, or a calibrated rank-r projection of it "
+        "(stored in masks by doublesparse calibrate) (default: %(default)s)",
+    )
+    add(
         "--kind",
         default=DEFAULTS.kind,
         choices=("q", "k", "qk"),
@@ -198,6 +205,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         num_windows=args.num_windows,
         num_channels=args.num_channels,
         label_bits=args.label_bits,
+        labels=args.labels,
         kind=args.kind,
         sink_tokens=args.sink_tokens,
         recent_tokens=args.recent_tokens,

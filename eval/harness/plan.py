@@ -37,9 +37,10 @@ class EvalSettings:
     num_windows: int = 8
     protocol: str = "continuation"  # perplexity: "continuation" (decode-faithful) or "every-position"
     continuation: Optional[int] = None  # perplexity, continuation: tokens scored (None: window // 4, at most 128)
-    num_needles: int = 2  # needle: needles in the prose, one asked
+    num_needles: int = 3  # needle: needles in the prose, one asked
     num_channels: int = 16  # r of double_sparsity, random_channels and sparq
     label_bits: int = 16
+    labels: str = "channels"  # double_sparsity labels: "channels" or "projection" (calibrated low-rank)
     kind: Optional[str] = None  # double_sparsity's channel statistic; None: the mask's own
     sink_tokens: int = 0
     recent_tokens: int = 0
@@ -124,6 +125,7 @@ def plan_evaluation(settings: EvalSettings) -> EvalPlan:
         num_channels=settings.num_channels,
         token_budget=1.0,
         label_bits=settings.label_bits,
+        labels=settings.labels,
         sink_tokens=settings.sink_tokens,
         recent_tokens=settings.recent_tokens,
         selection=settings.selection,

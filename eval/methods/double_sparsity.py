@@ -56,6 +56,10 @@ class RandomChannelsMethod(DoubleSparsityMethod):
     def settings(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
+    def patch(self, model, config, channels=None):
+        # Random channels are the ablation of calibrated channels: projection labels do not apply.
+        return super().patch(model, config.replace(labels="channels"), channels)
+
     def channel_mask(self, model, channels=None, seed: int = 0) -> ChannelMask:
         layout = HeadLayout.from_config(model.config)
         generator = torch.Generator().manual_seed(self.seed)

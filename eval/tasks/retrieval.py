@@ -157,7 +157,7 @@ class NeedleTask(RetrievalTask):
         self,
         num_samples: int = 20,
         context_length: int = 1024,
-        num_needles: int = 2,
+        num_needles: int = 3,
         haystack: str = "pydoc-topics:heldout",
     ) -> None:
         super().__init__(num_samples, context_length)
