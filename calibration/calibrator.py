@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import logging
 import os
 from typing import Any, Optional, Sequence
 
@@ -24,8 +25,10 @@ from doublesparse.support import attention_modules, check_supported
 
 from .capture import capturing
 from .data import calibration_blocks
-from .projection import ProjectionStatistics, StatisticsGroup
+from .projection import ProjectionStatistics, StatisticsGroup, rope_frequencies
 from .statistics import ChannelStatistics
+
+logger = logging.getLogger(__name__)
 
 
 def calibrate(
@@ -42,6 +45,7 @@ def calibrate(
     progress: bool = True,
     source: Optional[str] = None,
     projection: bool = True,
+    projection_positions: Optional[int] = None,
 ) -> ChannelMask:
     """Calibrate `model` on `texts` (packed into `num_samples` blocks of `seq_len` tokens); rank channels by `kind`."""
     if isinstance(texts, (str, bytes)):
@@ -65,6 +69,7 @@ def calibrate(
         progress=progress,
         calibration=settings,
         projection=projection,
+        projection_positions=projection_positions,
     )
 
 
@@ -79,6 +84,7 @@ def calibrate_blocks(
     progress: bool = True,
     calibration: Optional[dict[str, Any]] = None,
     projection: bool = True,
+    projection_positions: Optional[int] = None,
 ) -> ChannelMask:
     """Calibrate `model` on token blocks [N, L] (padding 0 in `attention_mask`); rank its channels by `kind`."""
     check_settings(kind=kind, batch_size=batch_size)
@@ -92,6 +98,11 @@ def calibrate_blocks(
     recorder = StatisticsGroup([statistics, moments]) if moments is not None else statistics
     _run_forwards(model, modules, recorder, input_ids, attention_mask, batch_size, progress)
     means = statistics.means()
+    projections, rope_settings = {}, {}
+    if moments is not None:
+        inv_freq, positions = projection_rope(model, projection_positions)
+        projections = moments.projections(inv_freq, positions)
+        rope_settings = {"projection_rope_positions": positions if inv_freq is not None else None}
     metadata = {
         "source": "token blocks",
         **(calibration or {}),
@@ -102,6 +113,7 @@ def calibrate_blocks(
         "keep_rope_pairs": bool(keep_rope_pairs),
         "rope_pair_dim": pair_dim,
         "projection": moments is not None,
+        **rope_settings,
         "model": layout.name,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "versions": _versions(),
@@ -114,7 +126,7 @@ def calibrate_blocks(
         per_kv_head=False,
         statistics=means,
         calibration=metadata,
-        projection=moments.projections() if moments is not None else {},
+        projection=projections,
     )
 
 
@@ -137,6 +149,21 @@ def check_model(model: torch.nn.Module) -> tuple[HeadLayout, list[torch.nn.Modul
     layout = HeadLayout.from_config(config)
     check_supported(model, layout)
     return layout, attention_modules(model, layout)
+
+
+def projection_rope(model: torch.nn.Module, positions: Optional[int]) -> tuple[Optional[torch.Tensor], Optional[int]]:
+    """(RoPE frequencies, positions) the projection moments are averaged over (projection.py): the model's
+    rotary embedding and, unless given, its context length; (None, None) for a model without one RoPE."""
+    if positions is not None and (isinstance(positions, bool) or not isinstance(positions, int) or positions < 1):
+        raise ValueError(f"projection_positions must be a positive int, got {positions!r}")
+    inv_freq = rope_frequencies(model)
+    if inv_freq is None:
+        logger.warning("no single RoPE frequency table found: projection moments are not averaged over positions")
+        return None, None
+    if positions is None:
+        text = model.config.get_text_config(decoder=True)
+        positions = int(getattr(text, "max_position_embeddings", 0) or 0) or None
+    return (inv_freq, positions) if positions else (None, None)
 
 
 def rope_pair_dim(config: Any, head_dim: int) -> int:

@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not store the low-rank label projections (SparsityConfig(labels='projection')) in the mask",
     )
     parser.add_argument(
+        "--projection-positions",
+        type=int,
+        help="positions the projections are made to serve: their moments are averaged over RoPE rotations of "
+        "0..N-1 (default: the model's context length)",
+    )
+    parser.add_argument(
         "--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32; statistics are fp32 anyway)"
     )
     parser.add_argument("--device-map", help='passed to from_pretrained, e.g. "auto" to split the model over devices')
@@ -100,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         source=str(data),
         projection=not args.no_projection,
+        projection_positions=args.projection_positions,
     )
     seconds = time.perf_counter() - started
     mask.save(out)

@@ -172,3 +172,38 @@ def test_full_rank_calibrated_projection_labels_score_exactly(calibrated):
         labels = dispatch.make_labels(keys, projection, 16, "torch")
         scores = dispatch.label_scores(query_labels(queries, projection), labels, 16, 0.25, 4, "torch")
         assert torch.allclose(scores, exact, rtol=1e-2, atol=1e-2)  # fp16 labels; exact in exact arithmetic
+
+
+@pytest.mark.parametrize("rotary_fraction", [1.0, 0.5])
+def test_rope_averaged_moments_equal_the_mean_over_transformers_rotations(rotary_fraction):
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from doublesparse.calibration.projection import rope_averaged
+
+    dim, positions = 16, 37
+    rotary = int(dim * rotary_fraction)
+    generator = torch.Generator().manual_seed(4)
+    inv_freq = 1.0 / (100.0 ** (torch.arange(0, rotary, 2, dtype=torch.float64) / rotary))
+    samples = torch.randn(50, dim, generator=generator, dtype=torch.float64) @ torch.randn(
+        dim, dim, generator=generator, dtype=torch.float64
+    )
+    moment = samples.T @ samples / 50
+    expected = torch.zeros(dim, dim, dtype=torch.float64)
+    for position in range(positions):
+        angles = torch.cat([position * inv_freq, position * inv_freq])
+        turned = samples.clone()  # transformers' RoPE: x * cos + rotate_half(x) * sin on the rotary channels
+        part = samples[:, :rotary]
+        turned[:, :rotary] = part * angles.cos() + rotate_half(part) * angles.sin()
+        expected += turned.T @ turned / 50 / positions
+    assert torch.allclose(rope_averaged(moment, inv_freq, positions), expected, atol=1e-10)
+
+
+def test_calibration_averages_projection_moments_over_the_model_context(calibrated):
+    model, mask = calibrated
+    assert mask.calibration["projection_rope_positions"] == model.config.max_position_embeddings
+    blocks = torch.randint(3, 128, (6, 96), generator=torch.Generator().manual_seed(0))
+    short = calibrate_blocks(model, blocks, progress=False, projection_positions=96)
+    assert short.calibration["projection_rope_positions"] == 96
+    assert not torch.allclose(short.projection["key"], mask.projection["key"])
+    with pytest.raises(ValueError, match="projection_positions"):
+        calibrate_blocks(model, blocks, progress=False, projection_positions=0)

@@ -172,6 +172,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("group", "head"),
         help="one selection per KV head or per query head (default: %(default)s)",
     )
+    add(
+        "--dense-layers",
+        default="",
+        help="comma-separated layer indices every sparse method leaves dense (default: none)",
+    )
     add("--page-size", type=int, default=DEFAULTS.page_size, help="quest page size (default: %(default)s)")
     add("--no-progress", action="store_true", help="hide progress bars")
 
@@ -210,12 +215,25 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         sink_tokens=args.sink_tokens,
         recent_tokens=args.recent_tokens,
         selection=args.selection,
+        dense_layers=tuple(parse_layers(args.dense_layers)),
         page_size=args.page_size,
         protocol=args.protocol,
         continuation=args.continuation_tokens,
         num_needles=args.num_needles,
         resume=args.resume,
     )
+
+
+def parse_layers(text: str) -> list[int]:
+    """'0,1' -> [0, 1]; '' -> []; ValueError naming --dense-layers for anything but non-negative ints."""
+    layers = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if not item.isdigit():
+            raise ValueError(f"--dense-layers: {item!r} is not a layer index (a non-negative int)")
+        layers.append(int(item))
+    return layers
 
 
 def plan_from_args(args: argparse.Namespace) -> EvalPlan:

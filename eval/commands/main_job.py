@@ -2,8 +2,9 @@
 
 With no arguments it works on the bundled model (a tiny random-weight model, labelled as such, when
 the bundled model is not installed): calibrate (or load the shipped mask), then evaluate dense,
-Double Sparsity and the baselines on perplexity and key-value retrieval at 1/4, 1/8 and 1/16 of the
-context, print the table, and write results.json, results.csv, results.png and results.md under --out-dir.
+Double Sparsity and the baselines on perplexity (the continuation protocol) and key-value retrieval at
+1/4, 1/8 and 1/16 of the context, print the table, and write results.json, results.csv, results.png and
+results.md under --out-dir.
 """
 
 from __future__ import annotations
@@ -21,20 +22,24 @@ HELP = "the main job: calibrate the bundled model, compare Double Sparsity with 
 DEFAULT_METHODS = "dense,double_sparsity,oracle_topk,random_channels,streaming_llm,h2o,quest,sparq"
 DEFAULT_SPARSITIES = "1/4,1/8,1/16"
 # Sizes that keep the whole job under five minutes on two CPU cores.
-BUNDLED_SIZES = {"context_length": 1024, "num_samples": 20, "window": 512, "num_windows": 8}
+# Perplexity: the continuation protocol, the last 128 tokens of each 1024-token window after a dense prompt.
+BUNDLED_SIZES = {"context_length": 1024, "num_samples": 20, "window": 1024, "num_windows": 8}
 TINY_SIZES = {"context_length": 256, "num_samples": 6, "window": 256, "num_windows": 4}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `doublesparse run`."""
-    parser.add_argument("--out-dir", default="./doublesparse-run",
-                        help="folder for results.json, results.csv, results.png")
+    parser.add_argument(
+        "--out-dir", default="./doublesparse-run", help="folder for results.json, results.csv, results.png"
+    )
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods to compare")
     parser.add_argument("--sparsity", default=DEFAULT_SPARSITIES, help="comma-separated token budgets (fractions)")
     parser.add_argument("--num-samples", type=int, default=None, help="retrieval prompts per setting (default: job's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the random-channel ablation")
-    parser.add_argument("--tiny", action="store_true",
-                        help="use the tiny random-weight model even if the bundled one exists")
+    parser.add_argument(
+        "--tiny", action="store_true", help="use the tiny random-weight model even if the bundled one exists"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -61,21 +66,28 @@ def job_settings(args: argparse.Namespace, model: str, out_dir: Path) -> EvalSet
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate (or load the shipped mask), evaluate every method, print the table, write the outputs."""
+    from ..bench.common import set_threads
     from ..harness.plan import plan_evaluation
     from ..harness.results import format_markdown
     from ..harness.runner import execute_plan
     from ..models.channel_masks import CALIBRATE
     from ..models.source import bundled_model_present
 
+    set_threads(args.threads)
     started = time.perf_counter()
     out_dir = Path(args.out_dir)
     use_bundled = bundled_model_present() and not args.tiny
     model = "bundled" if use_bundled else "tiny-random"
     if not use_bundled:
-        reason = ("--tiny was given" if args.tiny else
-                  "the bundled trained model is not installed (doublesparse/assets/default_model has no weights)")
-        print(f"NOTE: {reason}: running on a tiny model with RANDOM weights. The pipeline runs end to end, "
-              "but the figures below say nothing about Double Sparsity.")
+        reason = (
+            "--tiny was given"
+            if args.tiny
+            else "the bundled trained model is not installed (doublesparse/assets/default_model has no weights)"
+        )
+        print(
+            f"NOTE: {reason}: running on a tiny model with RANDOM weights. The pipeline runs end to end, "
+            "but the figures below say nothing about Double Sparsity."
+        )
     plan = plan_evaluation(job_settings(args, model, out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     mask_out = out_dir / "channels.safetensors" if plan.channels == CALIBRATE else None

@@ -45,6 +45,7 @@ class EvalSettings:
     sink_tokens: int = 0
     recent_tokens: int = 0
     selection: str = "group"
+    dense_layers: tuple[int, ...] = ()  # layers every sparse method leaves dense
     page_size: int = 16  # quest
     resume: bool = False  # skip the samples the journal (the JSON path with .jsonl) already holds
 
@@ -129,6 +130,7 @@ def plan_evaluation(settings: EvalSettings) -> EvalPlan:
         sink_tokens=settings.sink_tokens,
         recent_tokens=settings.recent_tokens,
         selection=settings.selection,
+        dense_layers=tuple(settings.dense_layers),
     )
     built_methods = [make_method(name, **method_options(name, settings)) for name in settings.methods]
     options = dict(
