@@ -36,6 +36,7 @@ def _methods():
     return [make_method(name) for name in METHOD_NAMES]
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_prefix_reuse_equals_separate_prefills_for_every_method(bundled):
     model, tokenizer, mask = bundled
