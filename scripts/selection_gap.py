@@ -9,7 +9,10 @@ KV group, as `oracle_topk` selects). Rules:
 
 - `oracle_head`: the exact oracle with one selection per query head: what the group reduction costs;
 - `channels_r{r}`, `channels_head_r{r}`: Double Sparsity's channel labels, group or per-query-head selection;
-- `projection_r{r}`: low-rank projection labels (SparsityConfig(labels="projection")).
+- `projection_r{r}`: low-rank projection labels (SparsityConfig(labels="projection"));
+- `channels_by_layer_r{r}`: channel labels with r chosen per layer from the calibrated concentration, r on
+  average: starting from 4 channels everywhere, 2 more go, again and again, to the layer whose next two
+  channels add the most of its qk statistic (the same label bytes as a uniform r).
 
 Labels are made and scored by the runtime's own kernels (`make_labels`, `label_scores`), at `--label-bits`.
 Writes JSON (per layer and mean) and prints a table.
@@ -62,12 +65,28 @@ def rule_scores(name: str, query: torch.Tensor, key: torch.Tensor, layer: int, m
     kind, rank = name.rsplit("_r", 1)
     selection = "head" if kind == "channels_head" else "group"
     labels = "projection" if kind == "projection" else "channels"
+    if kind == "channels_by_layer":
+        rank = allocate_ranks(mask, int(rank))[layer]
     config = SparsityConfig(num_channels=int(rank), label_bits=bits, labels=labels, selection=selection)
     layer_mask = mask.per_kv() if selection == "group" else mask
     label_map = label_maps_of(layer_mask, config)[layer]
     stored = dispatch.make_labels(key[None], label_map, bits, "torch")
     heads = num_kv if selection == "group" else num_q
     return dispatch.label_scores(query_labels(query[None], label_map), stored, bits, 1.0, heads, "torch")[0]
+
+
+def allocate_ranks(mask, mean_rank: int, step: int = 2, least: int = 4) -> list[int]:
+    """Channels per layer, `mean_rank` on average, greedily to where the next `step` add the most qk statistic."""
+    statistic = mask.per_kv().statistics["qk"].double().sort(dim=-1, descending=True).values
+    share = statistic / statistic.sum(dim=-1, keepdim=True)  # [layers, kv heads, d], largest first
+    ranks = [least] * mask.num_layers
+    while sum(ranks) < mean_rank * mask.num_layers:
+        gains = [
+            float(share[i, :, r : r + step].sum(-1).mean()) if r + step <= mask.head_dim else -1.0
+            for i, r in enumerate(ranks)
+        ]
+        ranks[max(range(len(ranks)), key=gains.__getitem__)] += step
+    return ranks
 
 
 def captured_mass(weights: torch.Tensor, scores: torch.Tensor, budgets: list[int]) -> torch.Tensor:
@@ -92,7 +111,9 @@ def main() -> None:
     parser.add_argument("--budget", default="1/16")
     parser.add_argument("--label-bits", type=int, default=16, choices=(16, 8, 4))
     parser.add_argument(
-        "--rules", default="oracle_head,channels_r8,channels_r16,channels_head_r16,projection_r8,projection_r16"
+        "--rules",
+        default="oracle_head,channels_r8,channels_r16,channels_head_r16,channels_by_layer_r8,channels_by_layer_r16,"
+        "projection_r8,projection_r16",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True)

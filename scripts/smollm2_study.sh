@@ -51,33 +51,30 @@ main)
         --out "$OUT/main-$context.json" --plot "$OUT/main-$context.png" --csv
     ;;
 ablations)
+    # Double Sparsity variants at 2048 tokens, in one grid so that they share its prefills.
     context=2048
     samples=${SAMPLES:-20}
     windows=${WINDOWS:-8}
     common=(--model smollm2 --task passkey,needle,perplexity --text pydoc-topics:heldout --sparsity "$BUDGETS"
             --context-length "$context" --num-samples "$samples" --window "$context" --num-windows "$windows"
             --continuation-tokens 128 --threads 1 --resume --no-progress)
-    run() {  # run NAME MASK EXTRA...: Double Sparsity alone, one setting
-        local name=$1 mask=$2
-        shift 2
-        timed "ablation-$name" $DS eval "${common[@]}" --channels "$MASKS/$mask" --method double_sparsity "$@" \
-            --out "$OUT/ablations/$name.json"
-    }
+    ds=double_sparsity
+    window=sink_tokens=4+recent_tokens=16
+    variants=$ds,$ds+num_channels=8,$ds+label_bits=4,$ds+num_channels=8+label_bits=4,$ds+selection=head
+    variants=$variants,$ds+$window,$ds+dense_layers=0,$ds+labels=projection,$ds+labels=projection+num_channels=8
+    variants=$variants,$ds+labels=projection+label_bits=4,$ds+labels=projection+num_channels=8+label_bits=4
+    variants=$variants,$ds+labels=projection+$window,$ds+labels=projection+label_bits=4+$window
     mkdir -p "$OUT/ablations"
-    run r8 channels-pydoc.safetensors -r 8
-    run bits4 channels-pydoc.safetensors --label-bits 4
-    run r8-bits4 channels-pydoc.safetensors -r 8 --label-bits 4
-    run head channels-pydoc.safetensors --selection head
-    run window channels-pydoc.safetensors --sink-tokens 4 --recent-tokens 16
-    run code-calibrated channels-code.safetensors
-    run projection channels-pydoc.safetensors --labels projection
-    run projection-r8 channels-pydoc.safetensors --labels projection -r 8
-    run projection-bits4 channels-pydoc.safetensors --labels projection --label-bits 4
-    run projection-r8-bits4 channels-pydoc.safetensors --labels projection -r 8 --label-bits 4
+    timed ablations-variants $DS eval "${common[@]}" --channels "$MASKS/channels-pydoc.safetensors" \
+        --method "$variants" --out "$OUT/ablations/variants.json" --csv
+    # The calibration text: the mask calibrated on code (the bundled calibration text) instead of prose.
+    timed ablations-code-calibrated $DS eval "${common[@]}" --channels "$MASKS/channels-code.safetensors" \
+        --method "$ds,$ds+labels=projection" --out "$OUT/ablations/code-calibrated.json"
     # The bundled held-out text (code) as the second perplexity text, every method.
-    timed "code-text" $DS eval --model smollm2 --channels "$MASKS/channels-pydoc.safetensors" --task perplexity \
-        --text bundled --method "$METHODS" --sparsity "$BUDGETS" --window "$context" --num-windows "$windows" \
-        --continuation-tokens 128 --threads 1 --resume --no-progress --out "$OUT/ablations/code-text.json"
+    timed ablations-code-text $DS eval --model smollm2 --channels "$MASKS/channels-pydoc.safetensors" \
+        --task perplexity --text bundled --method "$METHODS" --sparsity "$BUDGETS" --window "$context" \
+        --num-windows "$windows" --continuation-tokens 128 --threads 1 --resume --no-progress \
+        --out "$OUT/ablations/code-text.json" --plot "$OUT/ablations/code-text.png"
     ;;
 gap)
     for labels in 16 4; do

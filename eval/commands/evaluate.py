@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--method",
         default=",".join(DEFAULTS.methods),
-        help=f"comma-separated, of {', '.join(METHOD_NAMES)} (default: %(default)s)",
+        help=f"comma-separated, of {', '.join(METHOD_NAMES)}; a variant with config fields of its own is written "
+        "like double_sparsity+num_channels=8+label_bits=4 (default: %(default)s)",
     )
     add(
         "--sparsity",

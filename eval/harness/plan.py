@@ -102,6 +102,7 @@ def method_options(name: str, settings: EvalSettings) -> dict[str, Any]:
 def plan_evaluation(settings: EvalSettings) -> EvalPlan:
     """Check every setting and build the plan; ValueError saying what to change. Loads no weights."""
     from ..methods import METHOD_NAMES, make_method
+    from ..methods.variants import split_variant
     from ..models.channel_masks import CALIBRATE, load_channel_mask, shipped_mask_path
     from ..models.source import BUNDLED, TINY_RANDOM, resolve_model
     from ..tasks import check_task_name, make_task
@@ -110,7 +111,7 @@ def plan_evaluation(settings: EvalSettings) -> EvalPlan:
         if not names:
             raise ValueError(f"no {what} given: pass a comma-separated list")
     for name in settings.methods:
-        if name not in METHOD_NAMES:
+        if split_variant(name)[0] not in METHOD_NAMES:
             raise ValueError(f"unknown method {name!r}; known methods are {', '.join(METHOD_NAMES)}")
     for name in settings.tasks:
         check_task_name(name)
@@ -132,7 +133,7 @@ def plan_evaluation(settings: EvalSettings) -> EvalPlan:
         selection=settings.selection,
         dense_layers=tuple(settings.dense_layers),
     )
-    built_methods = [make_method(name, **method_options(name, settings)) for name in settings.methods]
+    built_methods = [make_method(name, **method_options(split_variant(name)[0], settings)) for name in settings.methods]
     options = dict(
         num_samples=settings.num_samples,
         context_length=settings.context_length,
@@ -161,7 +162,8 @@ def plan_evaluation(settings: EvalSettings) -> EvalPlan:
 
     source = resolve_model(settings.model, seed=settings.seed)
     layout = source.layout()
-    base_config.check_model(layout.num_layers, layout.head_dim)
+    for method in built_methods:
+        method.run_config(base_config).check_model(layout.num_layers, layout.head_dim)
     channels = None
     if any(m.needs_channels for m in built_methods):
         channels = settings.channels
@@ -178,7 +180,15 @@ def plan_evaluation(settings: EvalSettings) -> EvalPlan:
                 "--channels calibrate uses the bundled calibration text; pass a mask made for this model instead"
             )
         if channels != CALIBRATE:
-            load_channel_mask(channels, layout)
+            mask = load_channel_mask(channels, layout)
+            wanting = [
+                m.name for m in built_methods if m.needs_channels and m.run_config(base_config).labels == "projection"
+            ]
+            if wanting and not mask.projection:
+                raise ValueError(
+                    f"{', '.join(wanting)} label with projections, which the mask {channels!r} does not hold: "
+                    "calibrate it again with this version (doublesparse calibrate)"
+                )
 
     spec = GridSpec(
         tasks=tasks, methods=built_methods, sparsities=sparsities, base_config=base_config, seed=settings.seed

@@ -53,7 +53,7 @@ def evaluate_grid(
     rows: list[dict[str, Any]] = []
     with tqdm(total=total, desc="evaluating", unit="run", disable=not progress, file=sys.stderr) as bar:
         for task in spec.tasks:
-            configs = [_config(spec, task, s) for _, s in runs]
+            configs = [m.run_config(_config(spec, task, s)) for m, s in runs]
             keys = [
                 run_key(identity or {}, task, m, c.to_dict() if m.sparse else None) for (m, _), c in zip(runs, configs)
             ]

@@ -117,6 +117,10 @@ class Method:
         """Inside `patch`: a cache holding the dense `prefix`, from which this method's rows continue."""
         return prefix.fill(DynamicCache(config=model.config))
 
+    def run_config(self, config: SparsityConfig) -> SparsityConfig:
+        """The config this method runs a grid's setting with (a variant overrides some fields)."""
+        return config
+
     def patch(
         self, model: torch.nn.Module, config: SparsityConfig, channels: Optional[ChannelMask] = None
     ) -> contextlib.AbstractContextManager:

@@ -56,9 +56,9 @@ class RandomChannelsMethod(DoubleSparsityMethod):
     def settings(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
-    def patch(self, model, config, channels=None):
+    def run_config(self, config):
         # Random channels are the ablation of calibrated channels: projection labels do not apply.
-        return super().patch(model, config.replace(labels="channels"), channels)
+        return config.replace(labels="channels")
 
     def channel_mask(self, model, channels=None, seed: int = 0) -> ChannelMask:
         layout = HeadLayout.from_config(model.config)

@@ -113,3 +113,51 @@ def test_small_run_writes_reproducible_results(tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 1000
     assert "double_sparsity" in document["table"]
     assert torch.isfinite(torch.tensor([r["value"] for r in saved["results"]])).all()
+
+
+def test_method_variants_run_beside_their_method_with_configs_of_their_own(tmp_path):
+    out = tmp_path / "results.json"
+    args = eval_args(
+        method="double_sparsity,double_sparsity+num_channels=4+label_bits=8",
+        task="perplexity",
+        sparsity="1/4",
+        window=64,
+        num_windows=2,
+        out=str(out),
+        no_progress=True,
+        num_channels=8,
+    )
+    execute_plan(command.plan_from_args(args), progress=False, command=["doublesparse", "eval", "..."])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    base, variant = rows["double_sparsity"], rows["double_sparsity+num_channels=4+label_bits=8"]
+    assert base["config"]["num_channels"] == 8 and base["config"]["label_bits"] == 16
+    assert variant["config"]["num_channels"] == 4 and variant["config"]["label_bits"] == 8
+    assert variant["value"] != base["value"]
+
+
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        ("double_sparsity+num_channel=4", "not a SparsityConfig field"),
+        ("double_sparsity+token_budget=0.5", "not a SparsityConfig field a method may set"),
+        ("double_sparsity+num_channels", "is not FIELD=VALUE"),
+        ("double_sparsity+label_bits=3", "label_bits"),
+        ("double_sparsity+num_channels=64", "r must be <= head_dim"),
+        ("h3o+num_channels=4", "unknown method 'h3o"),
+    ],
+)
+def test_bad_method_variants_fail_before_loading(no_model_loading, method, message):
+    with pytest.raises(ValueError, match=message):
+        command.plan_from_args(eval_args(method=method))
+
+
+def test_projection_labels_need_a_mask_that_holds_them(no_model_loading, tmp_path):
+    model_dir = tmp_path / "model"
+    model = tiny_model("llama", num_layers=2)
+    model.config.save_pretrained(model_dir)
+    mask_path = tmp_path / "mask.safetensors"
+    random_channel_mask(model).save(mask_path)
+    with pytest.raises(ValueError, match="does not hold"):
+        command.plan_from_args(
+            eval_args(model=str(model_dir), channels=str(mask_path), method="double_sparsity+labels=projection")
+        )
