@@ -17,6 +17,8 @@ MASKS=${MASKS:-results/smollm2}
 DS=${DS:-doublesparse}
 PYTHON=${PYTHON:-python}
 METHODS=dense,double_sparsity,oracle_topk,random_channels,streaming_llm,h2o,quest,sparq
+# The defaults this study chose for Double Sparsity (SparsityConfig's): 4-bit labels and a sink + recent window.
+CHOSEN=double_sparsity+label_bits=4+sink_tokens=4+recent_tokens=16
 BUDGETS=1/4,1/8,1/16,1/32
 export OMP_NUM_THREADS=1 SOURCE_DATE_EPOCH=1700000000
 mkdir -p "$OUT" "$MASKS"
@@ -44,8 +46,11 @@ main)
     context=${2:?context length}
     samples=${SAMPLES:-20}
     windows=${WINDOWS:-8}
+    # Every method under the same budget semantics with nothing forced in (no sink or recent tokens),
+    # 16-bit labels, r = 16; the chosen defaults as one more row.
     timed "main-$context" $DS eval --model smollm2 --channels "$MASKS/channels-pydoc.safetensors" \
-        --task passkey,needle,perplexity --text pydoc-topics:heldout --method "$METHODS" --sparsity "$BUDGETS" \
+        --task passkey,needle,perplexity --text pydoc-topics:heldout --method "$METHODS,$CHOSEN" \
+        --sparsity "$BUDGETS" -r 16 --label-bits 16 --sink-tokens 0 --recent-tokens 0 --selection group \
         --context-length "$(prompt_tokens "$context")" --num-samples "$samples" --window "$context" \
         --num-windows "$windows" --continuation-tokens 128 --threads 1 --resume --no-progress \
         --out "$OUT/main-$context.json" --plot "$OUT/main-$context.png" --csv
@@ -57,13 +62,15 @@ ablations)
     windows=${WINDOWS:-8}
     common=(--model smollm2 --task passkey,needle,perplexity --text pydoc-topics:heldout --sparsity "$BUDGETS"
             --context-length "$context" --num-samples "$samples" --window "$context" --num-windows "$windows"
-            --continuation-tokens 128 --threads 1 --resume --no-progress)
+            --continuation-tokens 128 -r 16 --label-bits 16 --sink-tokens 0 --recent-tokens 0 --selection group
+            --threads 1 --resume --no-progress)
     ds=double_sparsity
     window=sink_tokens=4+recent_tokens=16
     variants=$ds,$ds+num_channels=8,$ds+label_bits=4,$ds+num_channels=8+label_bits=4,$ds+selection=head
     variants=$variants,$ds+$window,$ds+dense_layers=0,$ds+labels=projection,$ds+labels=projection+num_channels=8
     variants=$variants,$ds+labels=projection+label_bits=4,$ds+labels=projection+num_channels=8+label_bits=4
     variants=$variants,$ds+labels=projection+$window,$ds+labels=projection+label_bits=4+$window
+    variants=$variants,$ds+label_bits=4+$window,$ds+selection=head+$window,oracle_topk,oracle_topk+$window
     mkdir -p "$OUT/ablations"
     timed ablations-variants $DS eval "${common[@]}" --channels "$MASKS/channels-pydoc.safetensors" \
         --method "$variants" --out "$OUT/ablations/variants.json" --csv
@@ -72,8 +79,9 @@ ablations)
         --method "$ds,$ds+labels=projection" --out "$OUT/ablations/code-calibrated.json"
     # The bundled held-out text (code) as the second perplexity text, every method.
     timed ablations-code-text $DS eval --model smollm2 --channels "$MASKS/channels-pydoc.safetensors" \
-        --task perplexity --text bundled --method "$METHODS" --sparsity "$BUDGETS" --window "$context" \
-        --num-windows "$windows" --continuation-tokens 128 --threads 1 --resume --no-progress \
+        --task perplexity --text bundled --method "$METHODS,$CHOSEN" --sparsity "$BUDGETS" --window "$context" \
+        --num-windows "$windows" --continuation-tokens 128 -r 16 --label-bits 16 --sink-tokens 0 \
+        --recent-tokens 0 --selection group --threads 1 --resume --no-progress \
         --out "$OUT/ablations/code-text.json" --plot "$OUT/ablations/code-text.png"
     ;;
 gap)

@@ -151,7 +151,9 @@ def _decode_logits(model, mask, config, prompt, steps=6):
 def test_a_patched_model_decodes_with_projection_labels_alike_on_every_backend(calibrated, bits):
     model, mask = calibrated
     prompt = torch.randint(3, 128, (1, 80), generator=torch.Generator().manual_seed(2))
-    config = ds.SparsityConfig(num_channels=8, token_budget=1 / 8, label_bits=bits, labels="projection")
+    config = ds.SparsityConfig(
+        num_channels=8, token_budget=1 / 8, label_bits=bits, labels="projection", sink_tokens=0, recent_tokens=0
+    )
     backends = ["torch", "triton"] + (["cpu"] if native_available() else [])
     results = {b: _decode_logits(model, mask, config.replace(backend=b), prompt) for b in backends}
     for backend in backends[1:]:

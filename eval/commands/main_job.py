@@ -61,6 +61,10 @@ def job_settings(args: argparse.Namespace, model: str, out_dir: Path) -> EvalSet
         num_samples=args.num_samples or sizes["num_samples"],
         window=sizes["window"],
         num_windows=sizes["num_windows"],
+        # Every method under one budget semantics with nothing forced in: 16-bit labels, no sink or recent tokens.
+        label_bits=16,
+        sink_tokens=0,
+        recent_tokens=0,
     )
 
 

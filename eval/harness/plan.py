@@ -39,11 +39,11 @@ class EvalSettings:
     continuation: Optional[int] = None  # perplexity, continuation: tokens scored (None: window // 4, at most 128)
     num_needles: int = 3  # needle: needles in the prose, one asked
     num_channels: int = 16  # r of double_sparsity, random_channels and sparq
-    label_bits: int = 16
+    label_bits: int = 4  # SparsityConfig's defaults, here and for sink and recent tokens
     labels: str = "channels"  # double_sparsity labels: "channels" or "projection" (calibrated low-rank)
     kind: Optional[str] = None  # double_sparsity's channel statistic; None: the mask's own
-    sink_tokens: int = 0
-    recent_tokens: int = 0
+    sink_tokens: int = 4
+    recent_tokens: int = 16
     selection: str = "group"
     dense_layers: tuple[int, ...] = ()  # layers every sparse method leaves dense
     page_size: int = 16  # quest

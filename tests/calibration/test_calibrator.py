@@ -234,7 +234,7 @@ def test_round_trip_then_apply(arch, tmp_path):
     assert torch.equal(from_json.ranking, mask.ranking) and from_json.per_kv_head == mask.per_kv_head
 
     prompt = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(0))
-    config = ds.SparsityConfig(num_channels=4, token_budget=8)
+    config = ds.SparsityConfig(num_channels=4, token_budget=8, label_bits=16, sink_tokens=0, recent_tokens=0)
     with ds.patched(model, path, config):
         generated = model.generate(prompt, max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 27)

@@ -130,7 +130,7 @@ def test_method_variants_run_beside_their_method_with_configs_of_their_own(tmp_p
     execute_plan(command.plan_from_args(args), progress=False, command=["doublesparse", "eval", "..."])
     rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
     base, variant = rows["double_sparsity"], rows["double_sparsity+num_channels=4+label_bits=8"]
-    assert base["config"]["num_channels"] == 8 and base["config"]["label_bits"] == 16
+    assert base["config"]["num_channels"] == 8 and base["config"]["label_bits"] == 4
     assert variant["config"]["num_channels"] == 4 and variant["config"]["label_bits"] == 8
     assert variant["value"] != base["value"]
 
