@@ -53,6 +53,12 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
+    # GGUF checkpoints (doublesparse.load_model("x.gguf")): transformers dequantizes them with gguf and
+    # loads them through accelerate (a core dependency already, named here too). The tests write and load
+    # a tiny GGUF file; the checks of .ci/run lint, format-check and check the import contracts.
+    extras_require={
+        "gguf": ["gguf>=0.10", "accelerate>=1.1"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "gguf>=0.10", "ruff==0.17.6", "import-linter>=2.0"],
+    },
     entry_points={"console_scripts": ["doublesparse=doublesparse.cli:main"]},
 )

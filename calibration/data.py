@@ -54,7 +54,12 @@ def source_kind(source: PathLike) -> str:
 
 
 def read_documents(source: PathLike, *, field: str = "text", split: str = "train") -> list[str]:
-    """The non-empty documents of a text file, folder of .txt, jsonl file, saved dataset or dataset name."""
+    """The non-empty documents of a text file, folder of .txt, jsonl file, saved dataset, dataset name, or
+    `pydoc-topics:calibration` / `pydoc-topics:heldout` (the Python help topics, see pydoc_topics.py)."""
+    from .pydoc_topics import is_topics_source, topic_documents
+
+    if is_topics_source(str(source)):
+        return topic_documents(str(source))
     path = Path(source)
     kind = source_kind(source)
     if kind == "saved-dataset":

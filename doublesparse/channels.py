@@ -1,8 +1,10 @@
 """`ChannelMask`: per layer and head, the ranking of the head_dim channels by importance.
 
 Stored as safetensors: the ranking tensor (and, when calibration produced them, the per-channel
-statistics of every kind), with JSON metadata (kind, head layout, model identity, calibration
-settings). The authors' JSON format (also read by SGLang) loads too. Reading either format checks
+statistics of every kind and the calibrated low-rank label projections), with JSON metadata (kind, head
+layout, model identity, calibration settings). Format version 2 added the optional projections
+(`projection.key`, `projection.query`); a mask without them is written as version 1, which every
+earlier reader reads. The authors' JSON format (also read by SGLang) loads too. Reading either format checks
 every field (mask_files.py); a `ChannelMask` checks on construction that its parts agree: every
 row a permutation, a layout that fits the ranking's shape, statistics of the ranking's shape that are
 finite, non-negative and order the ranking they come with. GQA reductions are in ranking.py.
@@ -74,6 +76,9 @@ class ChannelMask:
     `per_kv_head` says whether rows are KV heads or query heads. `statistics` optionally holds, per
     kind, the per-channel importance [num_layers, num_heads, head_dim] the ranking came from.
     `layout_inferred` marks a layout guessed from the rows of a file that carried none.
+    `projection` optionally holds the calibrated low-rank label projections, per KV head whatever the
+    rows: "key" and "query" [num_layers, num_kv_heads, head_dim, rank], columns in decreasing order of
+    importance, so their first r columns are the rank-r labels (see kernels/label_projection.py).
     """
 
     ranking: torch.Tensor
@@ -83,6 +88,7 @@ class ChannelMask:
     statistics: dict[str, torch.Tensor] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     layout_inferred: bool = False
+    projection: dict[str, torch.Tensor] = field(default_factory=dict)
     # Set by `load`: the content hash of the file this mask was read from, and how it was obtained.
     source_hash: str = field(default="", init=False, compare=False, repr=False)
     source_hash_note: str = field(default="", init=False, compare=False, repr=False)
@@ -101,6 +107,7 @@ class ChannelMask:
         self.check_rankings()
         self.check_layout()
         self.check_statistics()
+        self.check_projection()
 
     # ----------------------------------------------------------------------------------- shape
     @property
@@ -198,6 +205,43 @@ class ChannelMask:
                 "(a later channel has a larger statistic): the file is inconsistent; recalibrate or fix it"
             )
 
+    def check_projection(self) -> None:
+        """Raise ValueError unless the projections, if any, are key and query tables of one shape fitting the mask."""
+        if not isinstance(self.projection, dict):
+            raise ValueError(f"ChannelMask projection must be a dict, got {type(self.projection).__name__}")
+        if not self.projection:
+            return
+        if set(self.projection) != {"key", "query"}:
+            raise ValueError(f"a mask's projection holds 'key' and 'query' tables, got {sorted(self.projection)}")
+        key, query = self.projection["key"], self.projection["query"]
+        if key.shape != query.shape or key.dim() != 4:
+            raise ValueError(
+                f"projection tables must be two [layers, kv_heads, head_dim, rank] tensors of one shape, got "
+                f"{tuple(key.shape)} and {tuple(query.shape)}: recalibrate"
+            )
+        if key.shape[0] != self.num_layers or key.shape[1] != self.layout.num_kv_heads or key.shape[2] != self.head_dim:
+            raise ValueError(
+                f"projection tables {tuple(key.shape)} do not fit a mask of {self.num_layers} layers, "
+                f"{self.layout.num_kv_heads} KV heads and head_dim {self.head_dim}: recalibrate"
+            )
+        if not (torch.isfinite(key).all() and torch.isfinite(query).all()):
+            raise ValueError("the mask's projection tables hold non-finite values: recalibrate")
+
+    def projection_tables(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rank-`rank` label projections (key, query), each [layers, kv_heads, head_dim, rank], fp32."""
+        if not self.projection:
+            raise ValueError(
+                "this channel mask holds no label projections: calibrate it again with this version "
+                "(doublesparse calibrate), or use labels='channels'"
+            )
+        stored = self.projection["key"].shape[3]
+        if not 1 <= rank <= stored:
+            raise ValueError(f"projection labels of rank {rank}: this mask stores ranks 1..{stored}")
+        return (
+            self.projection["key"][..., :rank].float().contiguous(),
+            self.projection["query"][..., :rank].float().contiguous(),
+        )
+
     def validate(self, layout: HeadLayout, fingerprint: Optional[str] = None) -> None:
         """Raise ValueError, saying what to do, unless this mask fits a model with `layout`.
 
@@ -217,6 +261,11 @@ class ChannelMask:
             rows = "KV heads" if self.per_kv_head else "query heads"
             raise ValueError(
                 f"channel mask has {self.num_heads} rows of {rows} per layer but the model has {wanted} {rows}: {again}"
+            )
+        if self.projection and self.projection["key"].shape[1] != layout.num_kv_heads:
+            raise ValueError(
+                f"channel mask projections have {self.projection['key'].shape[1]} KV heads but the model has "
+                f"{layout.num_kv_heads}: {again}"
             )
         self._note_other_model(layout, fingerprint)
 
@@ -308,10 +357,12 @@ class ChannelMask:
 
     # ----------------------------------------------------------------------------------- files
     def file_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors a saved file holds: the ranking (int32) and each statistic (float32)."""
+        """The tensors a saved file holds: the ranking (int32), each statistic and projection (float32)."""
         tensors = {"ranking": self.ranking.to(torch.int32).contiguous()}
         for kind, stat in self.statistics.items():
             tensors[f"statistics.{kind}"] = stat.float().contiguous()
+        for side, table in self.projection.items():
+            tensors[f"projection.{side}"] = table.float().contiguous()
         return tensors
 
     def content_hash(self) -> str:
@@ -330,7 +381,8 @@ class ChannelMask:
         metadata = {
             HASH_KEY: content_hash(tensors),
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            # Version 1 readers read a mask without projections: only a mask with them needs version 2.
+            "format_version": FORMAT_VERSION if self.projection else "1",
             "kind": self.kind,
             "per_kv_head": json.dumps(self.per_kv_head),
             "layout": json.dumps(self.layout.to_dict(), sort_keys=True),
@@ -365,6 +417,7 @@ class ChannelMask:
                 per_kv_head=parts.per_kv_head,
                 statistics=parts.statistics,
                 calibration=parts.calibration,
+                projection=parts.projection,
             )
             mask = mask.with_kind(kind) if kind else mask
         except ValueError as error:

@@ -20,7 +20,7 @@ import torch
 
 from .kernels.dispatch import fused_decode, label_scores, make_labels, select_tokens, sparse_attention
 from .kernels.label_append import Labels
-from .kernels.label_scores import gather_query_channels
+from .kernels.label_projection import query_labels
 from .kernels.scratch import Scratch
 from .kernels.sparse_attention import masked_attention_reference, selection_mask, sparse_attention_reference
 from .plan import LayerPlan
@@ -98,7 +98,7 @@ def attend_over_labels(
         # would not change which tokens rank highest (nor would the group's max, or a sink logit, which
         # only adds the same term to every key's denominator). The exact attention below caps and sinks.
         scores = label_scores(
-            gather_query_channels(query, channels),
+            query_labels(query, channels),
             labels,
             config.label_bits,
             scaling,

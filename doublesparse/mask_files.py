@@ -29,7 +29,7 @@ from .output_paths import atomic_write
 
 KINDS = ("q", "k", "qk")
 FORMAT = "doublesparse.channel_mask"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2 added the optional low-rank label projections
 # Metadata key of the tensors' SHA-256 (content_hash): a served mask can be pinned by it.
 HASH_KEY = "content_sha256"
 
@@ -53,6 +53,7 @@ class MaskFile:
     per_kv_head: bool
     statistics: dict[str, torch.Tensor]
     calibration: dict[str, Any]
+    projection: dict[str, torch.Tensor]
     content_sha256: str = ""  # the tensors' hash (see content_hash), verified against the metadata
     hash_recorded: bool = False  # whether the file's metadata carried the hash (files before hashes did not)
 
@@ -87,9 +88,10 @@ def read_mask_file(path: Path) -> MaskFile:
     tensors = _tensors(path, data)
     if "ranking" not in tensors:
         raise ValueError(f"{str(path)!r} has mask metadata but no 'ranking' tensor: the file is incomplete")
-    statistics = {}
+    statistics, projection = {}, {}
     for name, tensor in tensors.items():
         kind = name.split(".", 1)[1] if name.startswith("statistics.") else None
+        side = name.split(".", 1)[1] if name.startswith("projection.") else None
         if name == "ranking":
             if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
                 raise ValueError(f"{str(path)!r}: the ranking holds {tensor.dtype}, not integer channel indices")
@@ -97,10 +99,14 @@ def read_mask_file(path: Path) -> MaskFile:
             if not tensor.dtype.is_floating_point:
                 raise ValueError(f"{str(path)!r}: statistics.{kind} holds {tensor.dtype}, not floating-point values")
             statistics[kind] = tensor
+        elif side in ("key", "query"):
+            if not tensor.dtype.is_floating_point:
+                raise ValueError(f"{str(path)!r}: projection.{side} holds {tensor.dtype}, not floating-point values")
+            projection[side] = tensor
         else:
             raise ValueError(
                 f"{str(path)!r} holds a tensor {name!r} that a channel mask does not have (ranking, statistics.q, "
-                "statistics.k, statistics.qk)"
+                "statistics.k, statistics.qk, projection.key, projection.query)"
             )
     kind = metadata.get("kind")
     if kind not in KINDS:
@@ -119,7 +125,9 @@ def read_mask_file(path: Path) -> MaskFile:
             f"{str(path)!r}: its tensors hash to sha256 {digest}, but its metadata records {stored}: the file "
             "changed after it was written (corrupted or edited); restore it or calibrate again"
         )
-    return MaskFile(tensors["ranking"], kind, layout, per_kv_head, statistics, calibration, digest, stored is not None)
+    return MaskFile(
+        tensors["ranking"], kind, layout, per_kv_head, statistics, calibration, projection, digest, stored is not None
+    )
 
 
 def content_hash(tensors: dict[str, torch.Tensor]) -> str:

@@ -17,17 +17,18 @@ import torch
 from .channels import ChannelMask
 from .config import SparsityConfig
 from .kernels.dispatch import resolve_backend
+from .kernels.label_projection import KeyProjection, LabelMap
 from .layout import HeadLayout
 from .sharding import HeadShard
 
 
 @dataclass
 class LayerPlan:
-    """One attention layer's label channels [H_label, r] and selection heads, or dense."""
+    """One attention layer's label map (channels [H_label, r] or a `KeyProjection`) and selection heads, or dense."""
 
     layer_idx: int
     config: SparsityConfig
-    channels: Optional[torch.Tensor]
+    channels: Optional[LabelMap]
     num_select_heads: int
     dense: bool = False
     backend: Optional[str] = None  # resolved ('torch', 'triton' or 'cpu') for `backend_device`
@@ -36,8 +37,8 @@ class LayerPlan:
     num_kv_heads: Optional[int] = None
     shard: Optional[HeadShard] = None  # the heads this rank holds, under tensor parallelism
 
-    def channels_on(self, device: torch.device) -> torch.Tensor:
-        """The label channels on `device` (moved once, then kept there)."""
+    def channels_on(self, device: torch.device) -> LabelMap:
+        """The label channels (or projection) on `device` (moved once, then kept there)."""
         if self.channels.device != device:
             self.channels = self.channels.to(device)
         return self.channels
@@ -74,19 +75,21 @@ def layer_plans(
     """
     if config.selection == "group":
         mask = mask.per_kv()
-    top = mask.top(config.num_channels)
+    label_maps = label_maps_of(mask, config)
     plans = {}
     for layer in range(layout.num_layers):
         dense = layer in config.dense_layers or layer in layout.sliding_layers
         shard = shards.get(layer) if shards else None
         num_heads = shard.num_heads if shard else layout.num_heads
         num_kv_heads = shard.num_kv_heads if shard else layout.num_kv_heads
-        rows = top[layer][shard.rows(mask.per_kv_head)] if shard else top[layer]
+        label_map = label_maps[layer]
+        if shard:
+            label_map = _label_rows(label_map, shard.rows(mask.per_kv_head))
         num_select_heads = num_kv_heads if config.selection == "group" else num_heads
         plan = LayerPlan(
             layer,
             config,
-            None if dense else rows.clone(),
+            None if dense else label_map,
             num_select_heads,
             dense,
             num_heads=num_heads,
@@ -97,3 +100,19 @@ def layer_plans(
             plan.backend_on(devices[layer])
         plans[layer] = plan
     return plans
+
+
+def label_maps_of(mask: ChannelMask, config: SparsityConfig) -> list[LabelMap]:
+    """Per layer, what labels are made with: the top-r channels, or the mask's rank-r projection (config.labels)."""
+    if config.labels == "projection":
+        key, query = mask.projection_tables(config.num_channels)
+        return [KeyProjection(key[layer].clone(), query[layer].clone()) for layer in range(mask.num_layers)]
+    top = mask.top(config.num_channels)
+    return [top[layer].clone() for layer in range(mask.num_layers)]
+
+
+def _label_rows(label_map: LabelMap, rows: slice) -> LabelMap:
+    """The label heads `rows` of a layer's label map (a rank's heads under tensor parallelism)."""
+    if isinstance(label_map, KeyProjection):
+        return KeyProjection(label_map.key[rows].clone(), label_map.query[rows].clone())
+    return label_map[rows].clone()

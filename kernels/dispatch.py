@@ -19,7 +19,8 @@ from .backends import BACKENDS
 from .dense_attention import dense_attention_reference, dense_attention_triton
 from .fused_decode import fused_decode_cpu, fused_decode_cpu_supports
 from .label_append import Labels, make_labels_reference, make_labels_triton
-from .label_scores import gather_query_channels, label_scores_cpu, label_scores_reference, label_scores_triton
+from .label_projection import KeyProjection, LabelMap, project_keys, query_labels
+from .label_scores import label_scores_cpu, label_scores_reference, label_scores_triton
 from .native import native_available, require_native
 from .scratch import Scratch
 from .selection import select_tokens_cpu, select_tokens_reference
@@ -71,8 +72,11 @@ def concrete_backend(backend: str, device: torch.device) -> str:
     return resolve_backend(backend, device) if backend == "auto" else backend
 
 
-def make_labels(keys: torch.Tensor, channels: torch.Tensor, bits: int, backend: str = "auto") -> Labels:
-    """Labels of new keys [B, H_kv, T, d] for label heads with `channels` [H_label, r]."""
+def make_labels(keys: torch.Tensor, channels: LabelMap, bits: int, backend: str = "auto") -> Labels:
+    """Labels of new keys [B, H_kv, T, d] for label heads with `channels` [H_label, r] or a `KeyProjection`."""
+    if isinstance(channels, KeyProjection):
+        # Projected keys are the labels themselves: every kernel then stores all r of their lanes.
+        keys, channels = project_keys(keys, channels), channels.identity_channels()
     if concrete_backend(backend, keys.device) == "triton":
         return make_labels_triton(keys, channels, bits)
     return make_labels_reference(keys, channels, bits)
@@ -146,7 +150,7 @@ def fused_decode(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    channels: torch.Tensor,
+    channels: LabelMap,
     labels: Labels,
     bits: int,
     valid: torch.Tensor,
@@ -166,6 +170,7 @@ def fused_decode(
     rows = query.shape[0] * num_select_heads * query.shape[2]
     if (
         resolved == "cpu"
+        and not isinstance(channels, KeyProjection)  # the fused op gathers channels; projections are torch's
         and rows >= _cpu_threads()
         and fused_decode_cpu_supports(query, keys, values, channels, labels, bits, num_select_heads)
     ):
@@ -185,7 +190,7 @@ def fused_decode(
             num_select_heads,
             scratch,
         )
-    q_labels = gather_query_channels(query, channels)
+    q_labels = query_labels(query, channels)
     scores = label_scores(q_labels, labels, bits, scaling, num_select_heads, resolved, scratch)
     indices, slot_valid = select_tokens(
         scores, valid, budgets, sink_tokens, recent_tokens, max_budget, resolved, scratch

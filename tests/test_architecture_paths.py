@@ -130,7 +130,7 @@ def test_predicted_copies_attend_with_sinks_and_softcap(arch):
     # Three full layers (a sliding layer predicts nothing): layers 1 and 2 attend over the rows that the layer
     # before them predicted and copied. A budget covering every token makes any prediction exact.
     model = tiny_model(arch, num_layers=3, layer_types=["full_attention"] * 3)
-    full = ds.SparsityConfig(num_channels=4, token_budget=64, label_bits=8)
+    full = ds.SparsityConfig(num_channels=4, token_budget=64, label_bits=8, sink_tokens=0, recent_tokens=0)
     predicted = full.replace(offload=True, prefetch=True, sync_layers=())
     _, _, cache = result = decode(model, predicted, cache=dict(measure_recall=True))
     assert cache.prefetcher.sync_layers() == [0]
@@ -146,7 +146,7 @@ def test_the_baselines_attend_with_sinks_softcap_and_value_widths(arch, method):
     model = tiny_model(arch)
     input_ids, attention_mask = left_padded_batch([12, 9], seed=5)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    config = ds.SparsityConfig(num_channels=4, token_budget=11, simulate=True)
+    config = ds.SparsityConfig(num_channels=4, token_budget=11, simulate=True, label_bits=16, sink_tokens=0, recent_tokens=0)
     with torch.no_grad():
         dense = model(**kwargs).logits
         with make_method(method).patch(model, config, random_channel_mask(model)):

@@ -82,8 +82,19 @@ class Spy:
             self.attentions += 1
             return attend(*args, **kwargs)
 
+        # A one-row decode step runs the fused op (scores, selection, attention in one call): here it runs
+        # the three ops it fuses (equal to it, tests/kernels/test_fused_decode.py), so each is seen.
+        def separate_decode(query, keys, values, channels, labels, bits, valid, budgets, sinks, recent, slots,
+                            scaling, num_select_heads, backend="auto", scratch=None):  # fmt: skip
+            scores = label_attention.label_scores(
+                label_attention.query_labels(query, channels), labels, bits, scaling, num_select_heads, backend, scratch
+            )
+            indices, slot_valid = counted_select(scores, valid, budgets, sinks, recent, slots, backend, scratch)
+            return counted_attend(query, keys, values, indices, slot_valid, scaling, backend, scratch)
+
         monkeypatch.setattr(label_attention, "select_tokens", counted_select)
         monkeypatch.setattr(label_attention, "sparse_attention", counted_attend)
+        monkeypatch.setattr(label_attention, "fused_decode", separate_decode)
 
 
 def test_the_matrix_is_what_the_tests_build():
@@ -111,7 +122,7 @@ def test_the_sinks_and_the_softcap_of_the_tiny_models_matter(arch, without):
 def test_full_budget_equals_dense(arch):
     model = tiny_model(arch)
     input_ids, attention_mask = left_padded_batch([13, 8], seed=1)
-    config = ds.SparsityConfig(num_channels=4, token_budget=64, label_bits=4)
+    config = ds.SparsityConfig(num_channels=4, token_budget=64, label_bits=4, sink_tokens=0, recent_tokens=0)
     with torch.no_grad():
         dense_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         dense = greedy(model, input_ids, attention_mask)

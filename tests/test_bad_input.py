@@ -35,7 +35,7 @@ from doublesparse.support import (
 
 from tiny_models import MATRIX, left_padded_batch, random_channel_mask, tiny_model
 
-SMALL = ds.SparsityConfig(num_channels=4, token_budget=3, label_bits=16)
+SMALL = ds.SparsityConfig(num_channels=4, token_budget=3, label_bits=16, sink_tokens=0, recent_tokens=0)
 
 
 def untouched(model) -> bool:
@@ -370,7 +370,7 @@ def test_3_statistics_of_another_shape_are_refused(tmp_path):
         ChannelMask.load(path)
     model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=64)
     with pytest.raises(ValueError, match="statistics.qk have shape"):
-        ds.apply(model, path, ds.SparsityConfig(num_channels=16, selection="group"))
+        ds.apply(model, path, ds.SparsityConfig(num_channels=16, selection="group", label_bits=16, sink_tokens=0, recent_tokens=0))
 
 
 @pytest.mark.parametrize("fault", ["nan", "some nan", "inf", "negative"])
@@ -555,7 +555,7 @@ def test_7_sparse_attention_reference_is_differentiable_exactly():
                                             (16.0, "pass the int 16"), (True, "True is a bool")])  # fmt: skip
 def test_8_label_bits_must_be_an_int(value, message):
     with pytest.raises(ValueError, match=rf"label_bits={value!r} is invalid: .*{message}"):
-        ds.SparsityConfig(label_bits=value)
+        ds.SparsityConfig(label_bits=value, sink_tokens=0, recent_tokens=0)
 
 
 @pytest.mark.parametrize(
@@ -579,13 +579,13 @@ def test_8_layer_lists_hold_ints(field):
 
 def test_8_a_float_token_count_is_refused_saying_to_pass_an_int():
     with pytest.raises(ValueError, match=r"token_budget=64\.0 .*for a token count pass an int"):
-        ds.SparsityConfig(token_budget=64.0)
-    assert ds.SparsityConfig(token_budget=1.0).budget_for(10) == 10  # a float is a fraction: 1.0 is all
+        ds.SparsityConfig(token_budget=64.0, label_bits=16, sink_tokens=0, recent_tokens=0)
+    assert ds.SparsityConfig(token_budget=1.0, label_bits=16, sink_tokens=0, recent_tokens=0).budget_for(10) == 10  # a float is a fraction: 1.0 is all
 
 
 def test_8_numpy_ints_are_ints():
     numpy = pytest.importorskip("numpy")
-    config = ds.SparsityConfig(label_bits=numpy.int64(8), dense_layers=numpy.arange(2))
+    config = ds.SparsityConfig(label_bits=numpy.int64(8), dense_layers=numpy.arange(2), sink_tokens=0, recent_tokens=0)
     assert config.label_bits == 8 and type(config.label_bits) is int and config.dense_layers == (0, 1)
 
 
@@ -926,12 +926,12 @@ def test_14_a_folder_that_holds_no_model_is_named_before_work(tmp_path, no_eval_
          r"dense, h2o: drop --channels \(it would be ignored\)"),
         (["--method", "dense,h2o", "--page-size", "8"], r"--page-size is read by quest only, and --method runs dense"),
         (["--method", "oracle_topk", "--kind", "q"], r"--kind is read by double_sparsity only"),
-        (["--method", "quest,h2o", "--label-bits", "4"], r"--label-bits is read by double_sparsity, random_channels"),
-        (["--method", "dense", "--sink-tokens", "4"], r"--sink-tokens is read by the sparse methods only, and --meth"),
+        (["--method", "quest,h2o", "--label-bits", "8"], r"--label-bits is read by double_sparsity, random_channels"),
+        (["--method", "dense", "--sink-tokens", "2"], r"--sink-tokens is read by the sparse methods only, and --meth"),
         (["--task", "passkey", "--num-lines", "40"], r"--num-lines is read by kv_retrieval only, and --task runs pass"),
         (["--task", "kv_retrieval", "--window", "64"], r"--window is read by perplexity only, and --task runs kv_retr"),
         (["--task", "perplexity", "--num-samples", "3"],
-         r"--num-samples is read by kv_retrieval, lm_eval:<task>, passkey only, and --task runs perplexity"),
+         r"--num-samples is read by kv_retrieval, lm_eval:<task>, needle, passkey only, and --task runs perplexity"),
     ],
 )  # fmt: skip
 def test_14_eval_options_that_no_task_or_method_reads_are_refused(no_eval_work, capsys, options, message):
@@ -1210,4 +1210,5 @@ def test_9_ctrl_c_during_eval_exits_130_leaving_only_whole_files(tmp_path, monke
     assert main(argv + ["--plot", str(tmp_path / "r.png")]) == 130
     assert "Traceback" not in capsys.readouterr().err
     assert json.loads((tmp_path / "r.json").read_text())["results"][0]["method"] == "dense"  # written before the plot
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json"]  # no half plot, no temporary file
+    # No half plot, no temporary file; the journal holds the samples measured before the interrupt.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json", "r.jsonl"]

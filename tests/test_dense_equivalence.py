@@ -30,7 +30,7 @@ def test_full_budget_equals_dense_with_left_padding(arch, selection, num_kv_head
     with torch.no_grad():
         dense_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         dense = generate(model, input_ids, attention_mask)
-        config = ds.SparsityConfig(num_channels=4, token_budget=64, label_bits=4, selection=selection)
+        config = ds.SparsityConfig(num_channels=4, token_budget=64, label_bits=4, selection=selection, sink_tokens=0, recent_tokens=0)
         with ds.patched(model, random_channel_mask(model), config):
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
             sparse = generate(model, input_ids, attention_mask)
@@ -47,7 +47,7 @@ def test_fractional_full_budget_in_simulate_mode_equals_dense():
     input_ids, attention_mask = left_padded_batch([16, 11], seed=2)
     with torch.no_grad():
         dense = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=1.0, simulate=True)):
+        with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=1.0, simulate=True, label_bits=16, sink_tokens=0, recent_tokens=0)):
             simulated = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     assert (simulated - dense)[attention_mask.bool()].abs().max() <= TOLERANCE
 
@@ -70,7 +70,7 @@ def test_remove_restores_outputs_bit_for_bit():
     hooks_before = sum(len(m._forward_pre_hooks) for m in model.modules())
     with torch.no_grad():
         before = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        ds.apply(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=2, simulate=True))
+        ds.apply(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=2, simulate=True, label_bits=16, sink_tokens=0, recent_tokens=0))
         patched = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         ds.remove(model)
         after = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -86,7 +86,7 @@ def test_sliding_window_layers_stay_dense_with_a_note(caplog):
     with torch.no_grad():
         dense = generate(model, input_ids, attention_mask)
         with caplog.at_level("WARNING"):
-            with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=2, token_budget=2)):
+            with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=2, token_budget=2, label_bits=16, sink_tokens=0, recent_tokens=0)):
                 sparse = generate(model, input_ids, attention_mask)
     assert "sliding-window layers [0, 1] stay dense" in caplog.text
     assert torch.equal(sparse.sequences, dense.sequences)
@@ -100,9 +100,9 @@ def test_beam_search_with_full_budget_equals_dense_and_small_budget_runs():
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=5, num_beams=3, do_sample=False)
     with torch.no_grad():
         dense = model.generate(**kwargs)
-        with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=64)):
+        with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=64, label_bits=16, sink_tokens=0, recent_tokens=0)):
             full = model.generate(**kwargs)
-        with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=3, label_bits=8)):
+        with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=3, label_bits=8, sink_tokens=0, recent_tokens=0)):
             small = model.generate(**kwargs)
     assert torch.equal(full, dense)
     assert small.shape == dense.shape

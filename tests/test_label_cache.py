@@ -40,7 +40,7 @@ def test_sixteen_bit_labels_keep_the_keys_16_bit_dtype():
 @pytest.mark.parametrize("bits", [16, 8, 4])
 def test_cache_holds_r_bits_per_token_and_kv_head_and_no_more(bits):
     model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=16, num_layers=2)
-    config = ds.SparsityConfig(num_channels=8, token_budget=4, label_bits=bits)
+    config = ds.SparsityConfig(num_channels=8, token_budget=4, label_bits=bits, sink_tokens=0, recent_tokens=0)
     ds.apply(model, random_channel_mask(model), config)
     cache = ds.make_cache(model)
     input_ids, attention_mask = left_padded_batch([13, 13])
@@ -63,7 +63,7 @@ def _labels_match_keys(cache, bits):
 
 def test_crop_reorder_and_batch_selection_keep_labels_in_step():
     model = tiny_model("llama")
-    ds.apply(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=4, label_bits=4))
+    ds.apply(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=4, label_bits=4, sink_tokens=0, recent_tokens=0))
     cache = ds.make_cache(model)
     input_ids, attention_mask = left_padded_batch([9, 12, 12])
     with torch.no_grad():

@@ -39,7 +39,7 @@ def test_static_cache_decodes_like_the_dynamic_cache(label_bits, selection):
 def test_generate_with_static_cache_implementation_gets_a_label_cache():
     model = tiny_model("qwen3")
     input_ids, attention_mask = left_padded_batch([12, 12], seed=8)
-    config = ds.SparsityConfig(num_channels=4, token_budget=4, label_bits=8)
+    config = ds.SparsityConfig(num_channels=4, token_budget=4, label_bits=8, sink_tokens=0, recent_tokens=0)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     with torch.no_grad(), ds.patched(model, random_channel_mask(model), config):
         dynamic = model.generate(**kwargs)
@@ -50,6 +50,6 @@ def test_generate_with_static_cache_implementation_gets_a_label_cache():
 
 def test_bad_max_cache_len():
     model = tiny_model("llama")
-    with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4)):
+    with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0)):
         with pytest.raises(ValueError, match="max_cache_len"):
             ds.make_cache(model, max_cache_len=0)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..kernels.dispatch import label_scores, select_tokens, sparse_attention
-from ..kernels.label_scores import gather_query_channels
+from ..kernels.label_projection import query_labels
 from ..kernels.sparse_attention import sparse_attention_reference
 from ..label_attention import needs_grad
 from ..plan import LayerPlan
@@ -73,7 +73,7 @@ def _one_row_attention(
     predicted = pending is not None and pending.keys is not None and prefetcher.uses_prediction(plan.layer_idx)
     exact = None
     if not predicted or prefetcher.measures(plan.layer_idx):
-        q_labels = gather_query_channels(query, channels)
+        q_labels = query_labels(query, channels)
         scores = label_scores(q_labels, layer.labels, config.label_bits, scaling, plan.num_select_heads, backend)
         exact = step_selection(scores, valid, config, length, window)
         if pending is not None and prefetcher.measures(plan.layer_idx):
@@ -132,7 +132,7 @@ def _multi_row_attention(
     budgets = row_budgets(config, valid.sum(dim=-1))
     max_budget = static_max_budget(config, length)
     with torch.no_grad():  # selection and copies: nothing to differentiate
-        q_labels = gather_query_channels(query, channels)
+        q_labels = query_labels(query, channels)
         scores = label_scores(q_labels, layer.labels, config.label_bits, call.scaling, plan.num_select_heads, backend)
         indices, slot_valid = select_tokens(
             scores, valid, budgets, config.sink_tokens, config.recent_tokens, max_budget, backend

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.dispatch import label_scores
-from ..kernels.label_scores import gather_query_channels
+from ..kernels.label_projection import query_labels
 from ..plan import LayerPlan
 from ..policy import valid_keys
 from ..support import module_device
@@ -307,7 +307,7 @@ class Prefetcher:
         query = predictor(hidden, position_embeddings)
         valid = valid_keys(attention_mask, hidden.shape[0], 1, length, hidden.device)
         scores = label_scores(
-            gather_query_channels(query, plan.channels_on(query.device)),
+            query_labels(query, plan.channels_on(query.device)),
             layer.labels,
             self.config.label_bits,
             predictor.scaling,

@@ -31,7 +31,11 @@ TINY_LLAMA = dict(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of the calibration benchmark."""
-    parser.add_argument("--model", help="model folder to time (default: a random tiny Llama, see TINY_LLAMA)")
+    parser.add_argument(
+        "--model",
+        help="model to time: a folder, a .gguf file, a hub id, 'smollm2' or 'bundled' "
+        "(default: a random tiny Llama, see TINY_LLAMA)",
+    )
     parser.add_argument("--blocks", type=int, default=64, help="calibration blocks (default: 64)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per block (default: 512)")
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (default: 8)")
@@ -104,7 +108,9 @@ def _model(path: Optional[str], device: str) -> tuple[Any, str]:
     import transformers
 
     if path:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        from doublesparse.loading import load_model
+
+        model, _ = load_model(path, dtype=torch.float32, device=device)
         name = str(path)
     else:
         torch.manual_seed(0)

@@ -25,7 +25,8 @@ def check_plan_outputs(plan: Any, out: str = "--out", csv: str = "--csv", plot: 
     """ValueError unless every result file of `plan` (JSON, CSV, plot) can be written; each named by its option."""
     from doublesparse.output_paths import check_image_file, check_output_file
 
-    for path, option in ((plan.out_json, out), (plan.out_csv, csv)):
+    # The journal beside the JSON is written from the first measured sample on: it must be writable too.
+    for path, option in ((plan.out_json, out), (plan.out_jsonl, out), (plan.out_csv, csv)):
         if path is not None:
             check_output_file(path, option)
     if plan.out_plot is not None:
@@ -38,11 +39,17 @@ METHOD_OPTIONS = {
     "page_size": ("quest",),
     "num_channels": ("double_sparsity", "random_channels", "sparq"),
     "label_bits": ("double_sparsity", "random_channels"),
+    "labels": ("double_sparsity",),
 }
 # Options that every sparse method reads, and no dense one.
 SPARSE_OPTIONS = ("sink_tokens", "recent_tokens", "selection")
-# Options handed to the tasks: a task reads those its constructor takes (`tasks.make_task`).
-TASK_OPTIONS = ("num_samples", "context_length", "num_lines", "text", "window", "num_windows")
+# Options handed to the tasks (option's name: the task parameter it sets): a task reads those its
+# constructor takes (`tasks.make_task`).
+TASK_OPTIONS = {
+    name: name
+    for name in ("num_samples", "context_length", "num_lines", "text", "window", "num_windows", "num_needles", "protocol")
+}
+TASK_OPTIONS["continuation_tokens"] = "continuation"
 
 
 def check_options_used(args: Any, plan: Any) -> None:
@@ -59,8 +66,8 @@ def check_options_used(args: Any, plan: Any) -> None:
     methods = [method.name for method in plan.spec.methods]
     tasks = plan.spec.tasks
 
-    def given(name: str) -> bool:
-        return getattr(args, name) != getattr(defaults, name)
+    def given(name: str, field: str = "") -> bool:
+        return getattr(args, name) != getattr(defaults, field or name)
 
     def refuse(name: str, readers: str, present: str) -> None:
         option = "--" + name.replace("_", "-")
@@ -76,12 +83,12 @@ def check_options_used(args: Any, plan: Any) -> None:
     for name in SPARSE_OPTIONS:
         if given(name) and not any(method.sparse for method in plan.spec.methods):
             refuse(name, "the sparse methods", f"--method runs {', '.join(methods)}")
-    for name in TASK_OPTIONS:
-        if given(name) and not any(name in inspect.signature(type(task)).parameters for task in tasks):
+    for name, parameter in TASK_OPTIONS.items():
+        if given(name, parameter) and not any(parameter in inspect.signature(type(task)).parameters for task in tasks):
             readers = sorted(
                 task_name
                 for task_name, factory in _task_factories().items()
-                if name in inspect.signature(factory).parameters
+                if parameter in inspect.signature(factory).parameters
             )
             refuse(name, ", ".join(readers), f"--task runs {', '.join(task.name for task in tasks)}")
 

@@ -2,8 +2,9 @@
 
 With no arguments it works on the bundled model (a tiny random-weight model, labelled as such, when
 the bundled model is not installed): calibrate (or load the shipped mask), then evaluate dense,
-Double Sparsity and the baselines on perplexity and key-value retrieval at 1/4, 1/8 and 1/16 of the
-context, print the table, and write results.json, results.csv, results.png and results.md under --out-dir.
+Double Sparsity and the baselines on perplexity (the continuation protocol) and key-value retrieval at
+1/4, 1/8 and 1/16 of the context, print the table, and write results.json, results.csv, results.png and
+results.md under --out-dir.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ HELP = "the main job: calibrate the bundled model, compare Double Sparsity with 
 DEFAULT_METHODS = "dense,double_sparsity,oracle_topk,random_channels,streaming_llm,h2o,quest,sparq"
 DEFAULT_SPARSITIES = "1/4,1/8,1/16"
 # Sizes that keep the whole job under five minutes on two CPU cores.
-BUNDLED_SIZES = {"context_length": 1024, "num_samples": 20, "window": 512, "num_windows": 8}
+# Perplexity: the continuation protocol, the last 128 tokens of each 1024-token window after a dense prompt.
+BUNDLED_SIZES = {"context_length": 1024, "num_samples": 20, "window": 1024, "num_windows": 8}
 TINY_SIZES = {"context_length": 256, "num_samples": 6, "window": 256, "num_windows": 4}
 RESULT_FILES = ("results.json", "results.csv", "results.png", "results.md")
 MASK_FILE = "channels.safetensors"  # the mask calibrated now, when the model ships none
@@ -39,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tiny", action="store_true", help="use the tiny random-weight model even if the bundled one exists"
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -60,6 +63,10 @@ def job_settings(args: argparse.Namespace, model: str, out_dir: Path) -> EvalSet
         num_samples=args.num_samples or sizes["num_samples"],
         window=sizes["window"],
         num_windows=sizes["num_windows"],
+        # Every method under one budget semantics with nothing forced in: 16-bit labels, no sink or recent tokens.
+        label_bits=16,
+        sink_tokens=0,
+        recent_tokens=0,
     )
 
 
@@ -67,12 +74,14 @@ def run(args: argparse.Namespace) -> int:
     """Calibrate (or load the shipped mask), evaluate every method, print the table, write the outputs."""
     from doublesparse.output_paths import check_output_folder, write_text
 
+    from ..bench.common import set_threads
     from ..harness.plan import plan_evaluation
     from ..harness.results import format_markdown
     from ..harness.runner import execute_plan
     from ..models.channel_masks import CALIBRATE
     from ..models.source import bundled_model_present
 
+    set_threads(args.threads)
     started = time.perf_counter()
     out_dir = Path(args.out_dir)
     use_bundled = bundled_model_present() and not args.tiny

@@ -29,7 +29,11 @@ TASKS = ("kv", "passkey")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `doublesparse recall`."""
-    parser.add_argument("--model", default="bundled", help="'bundled' (default), 'tiny-random' or a local model folder")
+    parser.add_argument(
+        "--model",
+        default="bundled",
+        help="'bundled' (default), 'smollm2', 'tiny-random', a model folder, a .gguf file or a hub id",
+    )
     parser.add_argument(
         "--channels",
         default=None,

@@ -70,7 +70,9 @@ def results_document(
                 "metric": t.metric,
                 "higher_is_better": t.higher_is_better,
                 "teacher_forced": t.teacher_forced,
+                "protocol": t.protocol,
                 "settings": t.settings(),
+                "informative": _informative(rows, t.name),
             }
             for t in spec.tasks
         },
@@ -78,6 +80,11 @@ def results_document(
         **spec.extra,
         "results": rows,
     }
+
+
+def _informative(rows: list[dict[str, Any]], task: str) -> Any:
+    """Whether an accuracy task can tell methods apart (dense accuracy >= 0.5); None when unknown or not accuracy."""
+    return next((r.get("informative") for r in rows if r["task"] == task), None)
 
 
 def write_json(document: dict[str, Any], path: Path) -> None:
@@ -92,7 +99,21 @@ def write_csv(rows: list[dict[str, Any]], path: Path, seed: int, model_name: str
 
 def _write_csv(rows: list[dict[str, Any]], path: Path, seed: int, model_name: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["task", "method", "sparsity", "sparsity_label", "metric", "value", "seconds", "seed", "model", "config"]
+    columns = [
+        "task",
+        "protocol",
+        "method",
+        "sparsity",
+        "sparsity_label",
+        "metric",
+        "value",
+        "samples",
+        "seconds",
+        "informative",
+        "seed",
+        "model",
+        "config",
+    ]
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -114,6 +135,9 @@ def table_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
         columns.append((task, "dense"))
         columns.extend((task, label) for label in labels)
     named = {t: t if metric[t] == t else f"{t} {metric[t]}" for t in tasks}  # "perplexity", "kv_retrieval accuracy"
+    for t in tasks:
+        if any(r["task"] == t and r.get("informative") is False for r in rows):
+            named[t] += " [NOT INFORMATIVE: dense < 0.5]"
     headers = ["method"] + [f"{named[t]} (dense)" if label == "dense" else f"{t} @{label}" for t, label in columns]
     body = []
     for method in methods:
@@ -173,7 +197,13 @@ def plot_results(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         axis.set_ylabel(metric)
         if metric == "accuracy":
             axis.set_ylim(-0.03, 1.03)
-        axis.set_title(task)
+        if metric == "perplexity":
+            axis.set_yscale("log")  # the methods span several times the dense perplexity
+        protocol = task_rows[0].get("protocol")
+        uninformative = any(r.get("informative") is False for r in task_rows)
+        axis.set_title(
+            f"{task} ({protocol})" + (" - not informative: dense < 0.5" if uninformative else "") if protocol else task
+        )
         axis.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")
     figure.suptitle(title, fontsize=10)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache
 
 from doublesparse.attention_patch import attention_patched
 from doublesparse.channels import ChannelMask
@@ -33,6 +34,8 @@ from doublesparse.layout import HeadLayout
 from doublesparse.policy import row_budgets, valid_keys
 from doublesparse.step import dense_attention
 from doublesparse.support import attention_modules, check_attention_kwargs, check_head_sizes, check_supported
+
+from .prefix import Prefix
 
 EVAL_ATTENTION_NAME = "doublesparse_eval"
 EVAL_PLAN_ATTRIBUTE = "_doublesparse_eval_plan"
@@ -112,10 +115,19 @@ class Method:
     description: str = ""
     sparse: bool = True  # False only for the dense reference
     needs_channels: bool = False  # uses a calibrated ChannelMask
+    needs_prefix_attention: bool = False  # its state is seeded from the attention the prefill's keys received
 
     def settings(self) -> dict[str, Any]:
         """The method's own options, for result files."""
         return {}
+
+    def prefix_cache(self, model: torch.nn.Module, prefix: Prefix) -> Cache:
+        """Inside `patch`: a cache holding the dense `prefix`, from which this method's rows continue."""
+        return prefix.fill(DynamicCache(config=model.config))
+
+    def run_config(self, config: SparsityConfig) -> SparsityConfig:
+        """The config this method runs a grid's setting with (a variant overrides some fields)."""
+        return config
 
     def patch(
         self, model: torch.nn.Module, config: SparsityConfig, channels: Optional[ChannelMask] = None
@@ -152,6 +164,23 @@ class SelectiveMethod(Method):
         """Whether `observe` needs the attention weights (computed only then)."""
         return False
 
+    @property
+    def decodes_row_by_row(self) -> bool:
+        """Whether rows after a past must run one at a time (state that each step changes), as decoding does."""
+        return False
+
+    def seed_state(self, plan: EvalLayerPlan, prefix: Prefix) -> None:
+        """Set the per-sequence state a dense prefill of `prefix` would have left (none by default)."""
+
+    def prefix_cache(self, model, prefix):
+        cache = super().prefix_cache(model, prefix)
+        for module in model.modules():
+            plan = getattr(module, EVAL_PLAN_ATTRIBUTE, None)
+            if isinstance(plan, EvalLayerPlan):
+                plan.reset()
+                self.seed_state(plan, prefix)
+        return cache
+
     def patch(self, model, config, channels=None):
         return selective_patch(model, self, self.effective_config(config))
 
@@ -184,6 +213,25 @@ def selective_attention(
     config, method = plan.config, plan.method
     if rows == length:  # a new sequence starts: forget the previous one's state
         plan.reset()
+    if method.decodes_row_by_row and 1 < rows < length and not config.simulate:
+        # Rows after a past, one at a time: exactly the steps of decoding them token by token.
+        past = length - rows
+        outputs = []
+        for row in range(rows):
+            end = past + row + 1
+            mask = None if attention_mask is None else attention_mask[:, :, row : row + 1, :end]
+            out, _ = selective_attention(
+                module,
+                query[:, :, row : row + 1],
+                key[:, :, :end],
+                value[:, :, :end],
+                mask,
+                dropout=dropout,
+                scaling=scaling,
+                **kwargs,
+            )
+            outputs.append(out)
+        return torch.cat(outputs, dim=1), None
     valid = valid_keys(attention_mask, batch, rows, length, query.device)
     lengths = valid.sum(dim=-1)
     budgets = row_budgets(config, lengths)

@@ -16,8 +16,16 @@ from typing import Any, Optional
 
 import torch
 
-from .base import AttentionCall, Method, SelectiveMethod, attention_weights, exact_logits, expand_kv
-from .base import recent_window, reduce_to_select_heads
+from .base import (
+    AttentionCall,
+    Method,
+    SelectiveMethod,
+    attention_weights,
+    exact_logits,
+    expand_kv,
+    recent_window,
+    reduce_to_select_heads,
+)
 
 # Evicted tokens rank below every live token but above padding and future keys (-inf), so a growing
 # budget can take them back without ever reaching a key the row may not attend.
@@ -35,7 +43,6 @@ class DenseMethod(Method):
 
     def patch(self, model, config, channels=None):
         return contextlib.nullcontext(model)
-
 
 
 class OracleTopKMethod(SelectiveMethod):
@@ -93,8 +100,9 @@ class H2OMethod(SelectiveMethod):
 
     Decoding: the dense prefill seeds each key's accumulated attention; every step keeps the recent
     window and the heaviest live keys, evicts the rest, and adds the step's attention weights.
-    Teacher-forced rows (simulate): row i ranks keys by the attention they received from rows
-    before i (causal accumulation over the pass, dense weights), with no eviction.
+    Rows after a past (a continuation) run one at a time, exactly as decoding them would. Teacher-forced
+    rows with no past (simulate, every-position perplexity): row i ranks keys by the attention they
+    received from rows before i (causal accumulation over the pass, dense weights), with no eviction.
     """
 
     name = "h2o"
@@ -108,9 +116,19 @@ class H2OMethod(SelectiveMethod):
     def settings(self) -> dict[str, Any]:
         return {"recent_share": self.recent_share}
 
+    needs_prefix_attention = True
+
     @property
     def needs_weights(self) -> bool:
         return True
+
+    @property
+    def decodes_row_by_row(self) -> bool:
+        return True  # each step evicts, so a step depends on the ones before it
+
+    def seed_state(self, plan, prefix):
+        received = prefix.received[plan.layer_idx][:, :, None, :]  # [B, H_q, 1, P]
+        plan.state["accumulated"] = reduce_to_select_heads(received, plan.num_select_heads, "sum")[:, :, 0]
 
     def _recent_bonus(self, call: AttentionCall) -> torch.Tensor:
         counts = torch.ceil(call.budgets.double() * self.recent_share - 1e-9).long()
@@ -190,8 +208,10 @@ class QuestMethod(SelectiveMethod):
         rows = call.valid.shape[1]
         own_position = length - rows + torch.arange(rows, device=key.device)
         own_page = token_page[None, :] == (own_position // self.page_size)[:, None]  # [L, T]
-        # Within a page, older tokens first, so a partly used page is cut at its newest tokens.
-        tie_break = -torch.arange(length, device=key.device, dtype=torch.float32) / max(length, 1) * 1e-3
+        # Within a page, older tokens first, so a partly used page is cut at its newest tokens. The offset
+        # depends on the position within the page alone, so a row ranks alike whatever keys follow it.
+        within_page = torch.arange(length, device=key.device, dtype=torch.float32) % self.page_size
+        tie_break = -within_page / self.page_size * 1e-3
         scores = scores + tie_break
         return scores.masked_fill(own_page[None, None], PREFERRED_SCORE)
 

@@ -37,6 +37,10 @@ class DoubleSparsityMethod(Method):
     def patch(self, model, config, channels=None):
         return doublesparse.patched(model, self.channel_mask(model, channels), config)
 
+    def prefix_cache(self, model, prefix):
+        # The label cache appends the prefix's labels as a patched prefill would (labels are per token).
+        return prefix.fill(doublesparse.make_cache(model))
+
 
 class RandomChannelsMethod(DoubleSparsityMethod):
     """Ablation: Double Sparsity with the same r but random channels instead of calibrated ones."""
@@ -52,10 +56,13 @@ class RandomChannelsMethod(DoubleSparsityMethod):
     def settings(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
+    def run_config(self, config):
+        # Random channels are the ablation of calibrated channels: projection labels do not apply.
+        return config.replace(labels="channels")
+
     def channel_mask(self, model, channels=None, seed: int = 0) -> ChannelMask:
         layout = HeadLayout.from_config(model.config)
         generator = torch.Generator().manual_seed(self.seed)
         shape = (layout.num_layers, layout.num_kv_heads, layout.head_dim)
         ranking = torch.rand(shape, generator=generator).argsort(dim=-1)
         return ChannelMask(ranking, "qk", layout, per_kv_head=True, calibration={"source": f"random, seed {self.seed}"})
-

@@ -7,6 +7,7 @@ from typing import Any, Callable
 from .base import Method
 from .baselines import DenseMethod, H2OMethod, OracleTopKMethod, QuestMethod, SparQMethod, StreamingLLMMethod
 from .double_sparsity import DoubleSparsityMethod, RandomChannelsMethod
+from .names import METHOD_NAMES
 
 
 def method_registry() -> dict[str, Callable[[], Method]]:
@@ -23,15 +24,21 @@ def method_registry() -> dict[str, Callable[[], Method]]:
     }
 
 
-METHOD_NAMES = tuple(method_registry())
+if tuple(method_registry()) != METHOD_NAMES:  # pragma: no cover - a registry edit without names.py
+    raise ImportError("eval/methods/names.py must list the registry's methods in order")
 
 
 def make_method(name: str, **options: Any) -> Method:
-    """A method by registry name; ValueError naming the known ones otherwise."""
+    """A method by registry name, or a variant `name+FIELD=VALUE...` (see variants.py); ValueError naming the
+    known ones otherwise."""
+    from .variants import VariantMethod, split_variant
+
+    base, overrides = split_variant(name)
     registry = method_registry()
-    if name not in registry:
-        raise ValueError(f"unknown method {name!r}; known methods are {', '.join(registry)}")
+    if base not in registry:
+        raise ValueError(f"unknown method {base!r}; known methods are {', '.join(registry)}")
     try:
-        return registry[name](**options)
+        method = registry[base](**options)
     except TypeError as error:
-        raise ValueError(f"bad options {options} for method {name!r}: {error}") from error
+        raise ValueError(f"bad options {options} for method {base!r}: {error}") from error
+    return VariantMethod(name, method, overrides) if overrides else method

@@ -4,8 +4,9 @@ A task prepares its data once (`prepare`), then scores any patched model (`evalu
 method and sparsity sees exactly the same prompts. `teacher_forced` tasks run with
 `SparsityConfig.simulate=True` (every row selects among its own past); the others decode.
 
-Names: `perplexity`, `kv_retrieval`, `passkey`, and `lm_eval:<task>` for any lm-eval task (the
-local tasks shipped in `lm_eval_tasks/` run offline: `lm_eval:ds_python_mc`, `lm_eval:ds_kv_loglikelihood`).
+Names: `perplexity`, `kv_retrieval`, `passkey`, `needle` (magic numbers in real prose), and
+`lm_eval:<task>` for any lm-eval task (the local tasks shipped in `lm_eval_tasks/` run offline:
+`lm_eval:ds_python_mc`, `lm_eval:ds_kv_loglikelihood`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,18 @@ def task_registry() -> dict[str, Callable[..., Task]]:
     """Task name -> factory taking the task's options as keywords."""
     from .lm_eval_bridge import LmEvalTask
     from .perplexity import PerplexityTask
-    from .retrieval import KVRetrievalTask, PasskeyTask
+    from .retrieval import KVRetrievalTask, NeedleTask, PasskeyTask
 
-    return {"perplexity": PerplexityTask, "kv_retrieval": KVRetrievalTask, "passkey": PasskeyTask, "lm_eval": LmEvalTask}
+    return {
+        "perplexity": PerplexityTask,
+        "kv_retrieval": KVRetrievalTask,
+        "passkey": PasskeyTask,
+        "needle": NeedleTask,
+        "lm_eval": LmEvalTask,
+    }
 
 
-TASK_NAMES = ("perplexity", "kv_retrieval", "passkey")
+TASK_NAMES = ("perplexity", "kv_retrieval", "passkey", "needle")
 
 
 def check_task_name(name: str) -> None:
@@ -45,7 +52,7 @@ def make_task(name: str, **options: Any) -> Task:
     check_task_name(name)
     registry = task_registry()
     if name.startswith(LM_EVAL_PREFIX):
-        factory, options = registry["lm_eval"], {**options, "lm_eval_task": name[len(LM_EVAL_PREFIX):]}
+        factory, options = registry["lm_eval"], {**options, "lm_eval_task": name[len(LM_EVAL_PREFIX) :]}
     else:
         factory = registry[name]
     accepted = inspect.signature(factory).parameters

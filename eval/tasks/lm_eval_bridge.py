@@ -1,8 +1,8 @@
 """The lm-eval bridge: any lm-eval task, by name, on a model patched with any method.
 
 `DoubleSparseLM` is an lm-eval model (a `TemplateLM`, like lm-eval's HFLM) built around a model object
-that is already loaded (and patched by the harness), registered with lm-eval as model type "doublesparse". The tasks shipped in
-`lm_eval_tasks/` read local jsonl files, so they run with no network; lm-eval's own tasks work
+that is already loaded (and patched by the harness), registered with lm-eval as model type "doublesparse".
+The tasks shipped in `lm_eval_tasks/` read local jsonl files, so they run with no network; lm-eval's own tasks work
 wherever their datasets can be loaded. lm-eval is imported only here, when such a task runs.
 """
 
@@ -68,7 +68,9 @@ def lm_eval_model_class() -> type:
             picked = logprobs.gather(1, target[:, None]).sum()
             return float(picked), bool((logprobs.argmax(dim=-1) == target).all())
 
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        def _loglikelihood_tokens(
+            self, requests, disable_tqdm: bool = False, **kwargs: Any
+        ) -> list[tuple[float, bool]]:
             results = []
             for request, context, continuation in requests:
                 result = self._score(context, continuation)
@@ -94,8 +96,11 @@ def lm_eval_model_class() -> type:
                 ids = torch.tensor([self.tok_encode(context)[-self.max_length :]], device=self.model_device)
                 with torch.no_grad():
                     generated = self.model.generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                        max_new_tokens=int(gen_kwargs.get("max_gen_toks", 64)), pad_token_id=self.tokenizer.pad_token_id,
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        do_sample=False,
+                        max_new_tokens=int(gen_kwargs.get("max_gen_toks", 64)),
+                        pad_token_id=self.tokenizer.pad_token_id,
                     )
                 text = self.tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
                 for stop in until:
@@ -111,8 +116,11 @@ class LmEvalTask(Task):
     """One lm-eval task run through `lm_eval.simple_evaluate` on the patched model."""
 
     teacher_forced = True  # loglikelihood requests are teacher-forced passes
+    protocol = "lm-eval"
 
-    def __init__(self, lm_eval_task: str, num_samples: Optional[int] = None, batch_size: int = 4, metric: Optional[str] = None) -> None:
+    def __init__(
+        self, lm_eval_task: str, num_samples: Optional[int] = None, batch_size: int = 4, metric: Optional[str] = None
+    ) -> None:
         if not lm_eval_task:
             raise ValueError("name the lm-eval task: lm_eval:<task>")
         self.lm_eval_task, self.limit, self.batch_size = lm_eval_task, num_samples, batch_size
@@ -125,8 +133,8 @@ class LmEvalTask(Task):
         return {"lm_eval_task": self.lm_eval_task, "limit": self.limit, "metric": self.metric, "seed": self.seed}
 
     def prepare(self, tokenizer, seed: int) -> None:
-        from lm_eval.tasks import TaskManager
 
+        self.tokenizer = tokenizer
         self.seed = seed
         self.task_manager = self.check_available()
 
@@ -140,7 +148,9 @@ class LmEvalTask(Task):
         shipped = self.lm_eval_task in shipped_task_names()
         manager = TaskManager(include_path=str(LOCAL_TASKS_DIR), include_defaults=not shipped)
         if self.lm_eval_task not in manager.all_tasks:
-            raise ValueError(f"lm-eval knows no task {self.lm_eval_task!r}; the shipped offline tasks are {shipped_task_names()}")
+            raise ValueError(
+                f"lm-eval knows no task {self.lm_eval_task!r}; the shipped offline tasks are {shipped_task_names()}"
+            )
         return manager
 
     def evaluate(self, model, tokenizer, progress: bool = False) -> dict[str, float]:
@@ -150,8 +160,15 @@ class LmEvalTask(Task):
             raise ValueError("call prepare(tokenizer, seed) before evaluate")
         lm = lm_eval_model_class()(pretrained=model, tokenizer=tokenizer)
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=[self.lm_eval_task], task_manager=self.task_manager, limit=self.limit, log_samples=False,
-            random_seed=self.seed, numpy_random_seed=self.seed, torch_random_seed=self.seed, fewshot_random_seed=self.seed,
+            model=lm,
+            tasks=[self.lm_eval_task],
+            task_manager=self.task_manager,
+            limit=self.limit,
+            log_samples=False,
+            random_seed=self.seed,
+            numpy_random_seed=self.seed,
+            torch_random_seed=self.seed,
+            fewshot_random_seed=self.seed,
         )
         figures = results["results"][self.lm_eval_task]
         out = {}

@@ -289,7 +289,7 @@ def test_round_trip_then_apply(arch, tmp_path):
     assert torch.equal(from_json.ranking, mask.ranking) and from_json.per_kv_head == mask.per_kv_head
 
     prompt = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(0))
-    config = ds.SparsityConfig(num_channels=4, token_budget=8)
+    config = ds.SparsityConfig(num_channels=4, token_budget=8, label_bits=16, sink_tokens=0, recent_tokens=0)
     with ds.patched(model, path, config):
         generated = model.generate(prompt, max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 27)
@@ -337,7 +337,7 @@ def test_unsupported_or_patched_model_fails_before_any_work():
     mask = ChannelMask(
         torch.arange(HEAD_DIM).expand(2, 4, HEAD_DIM), "qk", ds.HeadLayout.from_config(model.config), False
     )
-    with ds.patched(model, mask, ds.SparsityConfig(num_channels=4)):
+    with ds.patched(model, mask, ds.SparsityConfig(num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0)):
         with pytest.raises(ValueError, match="remove"):
             calibrate(model, tokenizer, sample_texts(4), num_samples=2, seq_len=16, progress=False)
     assert calls == []

@@ -224,7 +224,7 @@ def test_offload_config_is_validated():
                 dict(prefetch_min_recall=1.5), dict(prefetch_warmup_steps=-1), dict(host_memory_limit=0)):
         with pytest.raises(ValueError):
             ds.SparsityConfig(**bad)
-    config = ds.SparsityConfig(offload=True, prefetch=True, sync_layers=[2, 0])
+    config = ds.SparsityConfig(offload=True, prefetch=True, sync_layers=[2, 0], label_bits=16, sink_tokens=0, recent_tokens=0)
     assert config.sync_layers == (0, 2)
     assert ds.SparsityConfig.from_dict(config.to_dict()) == config
     model = tiny_model("llama", num_layers=2)

@@ -76,7 +76,7 @@ def test_full_budget_equals_dense(model, channels, name):
         method = methods.make_method(name)
         # A fraction of 1 in teacher-forced rows, a count above every length while decoding.
         for simulate, budget in ((True, 1.0), (False, 64)):
-            config = SparsityConfig(num_channels=4, token_budget=budget, simulate=simulate)
+            config = SparsityConfig(num_channels=4, token_budget=budget, simulate=simulate, label_bits=16, sink_tokens=0, recent_tokens=0)
             with method.patch(model, config, channels):
                 full, steps = teacher_forced_and_decode(model, input_ids, attention_mask)
             real = attention_mask.bool()
@@ -89,7 +89,7 @@ def test_full_budget_equals_dense(model, channels, name):
 def test_selection_contract(model, channels, name, budget):
     input_ids, attention_mask = left_padded_batch(LENGTHS, seed=4)
     method = methods.make_method(name)
-    config = SparsityConfig(num_channels=4, token_budget=budget, sink_tokens=1, recent_tokens=2, simulate=True)
+    config = SparsityConfig(num_channels=4, token_budget=budget, sink_tokens=1, recent_tokens=2, simulate=True, label_bits=16)
     with torch.no_grad(), recording(model, method, config, channels) as records:
         teacher_forced_and_decode(model, input_ids, attention_mask)
     assert records, f"{name} never selected tokens"
@@ -111,7 +111,7 @@ def test_unknown_method_names_the_known_ones():
 def test_streaming_llm_keeps_sinks_and_recent(model):
     input_ids, attention_mask = left_padded_batch((24,), seed=5)
     method = methods.make_method("streaming_llm")
-    config = SparsityConfig(token_budget=8, simulate=True)
+    config = SparsityConfig(token_budget=8, simulate=True, label_bits=16, sink_tokens=0, recent_tokens=0)
     with torch.no_grad(), recording(model, method, config, None) as records:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     selected = records[0]["selected"][0, 0, -1]
@@ -121,7 +121,7 @@ def test_streaming_llm_keeps_sinks_and_recent(model):
 def test_quest_takes_whole_pages(model):
     input_ids, attention_mask = left_padded_batch((40,), seed=6)
     method = QuestMethod(page_size=4)
-    config = SparsityConfig(token_budget=12, simulate=True)
+    config = SparsityConfig(token_budget=12, simulate=True, label_bits=16, sink_tokens=0, recent_tokens=0)
     with torch.no_grad(), recording(model, method, config, None) as records:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     chosen = records[0]["selected"][0, :, -1]  # [H_select, T], last row: pages 0..9, own page 9

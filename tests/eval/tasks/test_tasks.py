@@ -41,12 +41,24 @@ def test_greedy_decoding_agrees_with_teacher_forced_check(tiny):
 
 def test_perplexity_of_dense_matches_a_direct_loss(tiny):
     model, tokenizer = tiny
-    task = make_task("perplexity", window=64, num_windows=2)
+    task = make_task("perplexity", window=64, num_windows=2, protocol="every-position")
     task.prepare(tokenizer, seed=0)
     figures = task.evaluate(model, tokenizer)
     with torch.no_grad():
         loss = model(input_ids=task.windows, labels=task.windows).loss
     assert figures["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-4)
+
+
+def test_continuation_perplexity_of_dense_scores_the_last_tokens_of_each_window(tiny):
+    model, tokenizer = tiny
+    task = make_task("perplexity", window=64, num_windows=2, continuation=16)
+    task.prepare(tokenizer, seed=0)
+    assert task.prefix_ids(0).shape == (1, 64 - 16 - 1) and task.settings()["prompt_tokens"] == 48
+    figures = task.evaluate(model, tokenizer)
+    with torch.no_grad():
+        logits = model(input_ids=task.windows).logits[:, -17:-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), task.windows[:, -16:].reshape(-1))
+    assert figures["tokens"] == 32 and figures["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-4)
 
 
 def test_retrieval_task_is_seeded(tiny):
@@ -58,12 +70,14 @@ def test_retrieval_task_is_seeded(tiny):
     assert first.samples == second.samples and first.settings()["num_lines"] == 5
 
 
-@pytest.mark.skipif(not bundled_model_present(), reason="the bundled trained model is not installed "
-                    "(doublesparse/assets/default_model has no weights)")
+@pytest.mark.skipif(
+    not bundled_model_present(),
+    reason="the bundled trained model is not installed (doublesparse/assets/default_model has no weights)",
+)
 def test_selection_quality_order_on_the_bundled_model():
     from doublesparse import load_default_model
-    from doublesparse.eval.models.channel_masks import calibrate_channels, shipped_mask_path
     from doublesparse.channels import ChannelMask
+    from doublesparse.eval.models.channel_masks import calibrate_channels, shipped_mask_path
 
     model, tokenizer = load_default_model()
     shipped = shipped_mask_path()
@@ -73,7 +87,7 @@ def test_selection_quality_order_on_the_bundled_model():
         mask = calibrate_channels(model, tokenizer, num_samples=8, seq_len=512, progress=False)[0]
     task = make_task("kv_retrieval", num_samples=12, context_length=768)
     task.prepare(tokenizer, seed=11)
-    config = SparsityConfig(num_channels=16, token_budget=1 / 16)
+    config = SparsityConfig(num_channels=16, token_budget=1 / 16, label_bits=16, sink_tokens=0, recent_tokens=0)
     accuracy = {}
     for name in ("oracle_topk", "double_sparsity", "random_channels"):
         with methods.make_method(name).patch(model, config, mask):
