@@ -100,8 +100,10 @@ def calibrate_blocks(
     shards = head_shards(model, modules, layout)
     if shards and projection:
         # The moments are per KV head of the whole model; a rank sees only its own heads' q and k.
-        logger.warning("tensor parallelism: the low-rank label projections are not calibrated (calibrate on one "
-                       "process for labels='projection'); the channel ranking is")
+        logger.warning(
+            "tensor parallelism: the low-rank label projections are not calibrated (calibrate on one "
+            "process for labels='projection'); the channel ranking is"
+        )
         projection = False
     statistics = ChannelStatistics(local_layout(layout, shards))
     moments = ProjectionStatistics(layout) if projection else None

@@ -48,12 +48,23 @@ if triton is not None:
 
     @triton.jit
     def _host_gather_kernel(
-        store_ptr, index_ptr, out_ptr,
-        num_rows, head_dim,
-        s_t, s_b, s_h,
-        i_b, i_h, i_n,
-        o_b, o_h, o_n,
-        NUM_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        store_ptr,
+        index_ptr,
+        out_ptr,
+        num_rows,
+        head_dim,
+        s_t,
+        s_b,
+        s_h,
+        i_b,
+        i_h,
+        i_n,
+        o_b,
+        o_h,
+        o_n,
+        NUM_HEADS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         batch_head = tl.program_id(0)
         block = tl.program_id(1)
@@ -71,7 +82,9 @@ if triton is not None:
         tl.store(target, rows, mask=keep)
 
 
-def host_gather_triton(store: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, block_rows: int = 32) -> torch.Tensor:
+def host_gather_triton(
+    store: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, block_rows: int = 32
+) -> torch.Tensor:
     """Triton gather (pinned host store read from the device on CUDA); returns `out`."""
     if triton is None:
         raise ValueError("host_gather_triton needs triton installed")
@@ -85,11 +98,20 @@ def host_gather_triton(store: torch.Tensor, indices: torch.Tensor, out: torch.Te
     block_d = triton.next_power_of_2(head_dim)
     grid = (batch * heads, triton.cdiv(num_rows, block_rows))
     _host_gather_kernel[grid](
-        store, indices, out,
-        num_rows, head_dim,
-        store.stride(0), store.stride(1), store.stride(2),
+        store,
+        indices,
+        out,
+        num_rows,
+        head_dim,
+        store.stride(0),
+        store.stride(1),
+        store.stride(2),
         *indices.stride(),
-        out.stride(0), out.stride(1), out.stride(2),
-        NUM_HEADS=heads, BLOCK_N=block_rows, BLOCK_D=block_d,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        NUM_HEADS=heads,
+        BLOCK_N=block_rows,
+        BLOCK_D=block_d,
     )
     return out

@@ -122,13 +122,30 @@ if triton is not None:
 
     @triton.jit
     def _label_append_kernel(
-        keys_ptr, channels_ptr, codes_ptr, scale_ptr, offset_ptr,
-        num_tokens, labels_per_kv,
-        stride_kb, stride_kh, stride_kt, stride_kd,
-        stride_ch, stride_cc,
-        stride_ob, stride_oh, stride_ot, stride_oc,
-        stride_sb, stride_sh, stride_st,
-        NUM_CHANNELS: tl.constexpr, BITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+        keys_ptr,
+        channels_ptr,
+        codes_ptr,
+        scale_ptr,
+        offset_ptr,
+        num_tokens,
+        labels_per_kv,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        stride_kd,
+        stride_ch,
+        stride_cc,
+        stride_ob,
+        stride_oh,
+        stride_ot,
+        stride_oc,
+        stride_sb,
+        stride_sh,
+        stride_st,
+        NUM_CHANNELS: tl.constexpr,
+        BITS: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
         block_t = tl.program_id(0)
         label_head = tl.program_id(1)
@@ -141,19 +158,37 @@ if triton is not None:
         if BITS == 4:
             pairs = tl.arange(0, BLOCK_C)
             pair_ok = pairs < NUM_CHANNELS // 2
-            even_channels = tl.load(channels_ptr + label_head * stride_ch + (2 * pairs) * stride_cc, mask=pair_ok, other=0)
-            odd_channels = tl.load(channels_ptr + label_head * stride_ch + (2 * pairs + 1) * stride_cc, mask=pair_ok, other=0)
+            even_channels = tl.load(
+                channels_ptr + label_head * stride_ch + (2 * pairs) * stride_cc, mask=pair_ok, other=0
+            )
+            odd_channels = tl.load(
+                channels_ptr + label_head * stride_ch + (2 * pairs + 1) * stride_cc, mask=pair_ok, other=0
+            )
             both_ok = token_ok[:, None] & pair_ok[None, :]
             even = tl.load(keys_row + even_channels[None, :] * stride_kd, mask=both_ok, other=0.0).to(tl.float32)
             odd = tl.load(keys_row + odd_channels[None, :] * stride_kd, mask=both_ok, other=0.0).to(tl.float32)
             # Padding lanes must not win min/max; padding tokens read zeros and are never stored.
             pair_ok_2d = pair_ok[None, :]
-            low = tl.minimum(tl.min(tl.where(pair_ok_2d, even, float("inf")), axis=1), tl.min(tl.where(pair_ok_2d, odd, float("inf")), axis=1))
-            high = tl.maximum(tl.max(tl.where(pair_ok_2d, even, -float("inf")), axis=1), tl.max(tl.where(pair_ok_2d, odd, -float("inf")), axis=1))
-            scale = tl.maximum(tl.math.div_rn(high - low, 15.0).to(tl.float16).to(tl.float32), 5.960464477539063e-08)  # SMALLEST_SCALE
+            low = tl.minimum(
+                tl.min(tl.where(pair_ok_2d, even, float("inf")), axis=1),
+                tl.min(tl.where(pair_ok_2d, odd, float("inf")), axis=1),
+            )
+            high = tl.maximum(
+                tl.max(tl.where(pair_ok_2d, even, -float("inf")), axis=1),
+                tl.max(tl.where(pair_ok_2d, odd, -float("inf")), axis=1),
+            )
+            scale = tl.maximum(
+                tl.math.div_rn(high - low, 15.0).to(tl.float16).to(tl.float32), 5.960464477539063e-08
+            )  # SMALLEST_SCALE
             offset = low.to(tl.float16).to(tl.float32)
             packed = _quantize_codes(even, offset, scale, 15) | (_quantize_codes(odd, offset, scale, 15) << 4)
-            out = codes_ptr + batch * stride_ob + label_head * stride_oh + tokens[:, None] * stride_ot + pairs[None, :] * stride_oc
+            out = (
+                codes_ptr
+                + batch * stride_ob
+                + label_head * stride_oh
+                + tokens[:, None] * stride_ot
+                + pairs[None, :] * stride_oc
+            )
             tl.store(out, packed, mask=both_ok)
         else:
             lanes = tl.arange(0, BLOCK_C)
@@ -161,14 +196,22 @@ if triton is not None:
             channels = tl.load(channels_ptr + label_head * stride_ch + lanes * stride_cc, mask=lane_ok, other=0)
             both_ok = token_ok[:, None] & lane_ok[None, :]
             x = tl.load(keys_row + channels[None, :] * stride_kd, mask=both_ok, other=0.0)
-            out = codes_ptr + batch * stride_ob + label_head * stride_oh + tokens[:, None] * stride_ot + lanes[None, :] * stride_oc
+            out = (
+                codes_ptr
+                + batch * stride_ob
+                + label_head * stride_oh
+                + tokens[:, None] * stride_ot
+                + lanes[None, :] * stride_oc
+            )
             if BITS == 16:
                 tl.store(out, x.to(codes_ptr.dtype.element_ty), mask=both_ok)
             else:
                 x = x.to(tl.float32)
                 low = tl.min(tl.where(lane_ok[None, :], x, float("inf")), axis=1)
                 high = tl.max(tl.where(lane_ok[None, :], x, -float("inf")), axis=1)
-                scale = tl.maximum(tl.math.div_rn(high - low, 255.0).to(tl.float16).to(tl.float32), 5.960464477539063e-08)  # SMALLEST_SCALE
+                scale = tl.maximum(
+                    tl.math.div_rn(high - low, 255.0).to(tl.float16).to(tl.float32), 5.960464477539063e-08
+                )  # SMALLEST_SCALE
                 offset = low.to(tl.float16).to(tl.float32)
                 tl.store(out, _quantize_codes(x, offset, scale, 255), mask=both_ok)
         if BITS != 16:
@@ -206,19 +249,35 @@ def make_labels_triton(
     else:
         codes, scale, offset = out
         if codes.shape != (batch, num_label_heads, num_tokens, code_width) or codes.dtype != code_dtype:
-            raise ValueError(f"out.codes must be {code_dtype} of shape {(batch, num_label_heads, num_tokens, code_width)}")
-        if bits != 16 and (scale is None or offset is None or scale.shape != codes.shape[:3] or offset.stride() != scale.stride()):
-            raise ValueError(f"out.scale and out.offset must be {SCALE_DTYPE} of shape {tuple(codes.shape[:3])} with equal strides")
+            raise ValueError(
+                f"out.codes must be {code_dtype} of shape {(batch, num_label_heads, num_tokens, code_width)}"
+            )
+        if bits != 16 and (
+            scale is None or offset is None or scale.shape != codes.shape[:3] or offset.stride() != scale.stride()
+        ):
+            raise ValueError(
+                f"out.scale and out.offset must be {SCALE_DTYPE} of shape {tuple(codes.shape[:3])} with equal strides"
+            )
     if codes.numel() == 0:
         return Labels(codes, scale, offset)
     stats = scale if scale is not None else codes  # unused by the kernel for 16-bit labels
     stats_strides = scale.stride() if scale is not None else (0, 0, 0)
     grid = (triton.cdiv(num_tokens, block_tokens), num_label_heads, batch)
     _label_append_kernel[grid](
-        keys, channels, codes, stats, offset if offset is not None else stats,
-        num_tokens, num_label_heads // num_kv_heads,
-        *keys.stride(), *channels.stride(), *codes.stride(), *stats_strides,
-        NUM_CHANNELS=num_channels, BITS=bits, BLOCK_T=block_tokens,
+        keys,
+        channels,
+        codes,
+        stats,
+        offset if offset is not None else stats,
+        num_tokens,
+        num_label_heads // num_kv_heads,
+        *keys.stride(),
+        *channels.stride(),
+        *codes.stride(),
+        *stats_strides,
+        NUM_CHANNELS=num_channels,
+        BITS=bits,
+        BLOCK_T=block_tokens,
         BLOCK_C=triton.next_power_of_2(code_width),
     )
     return Labels(codes, scale, offset)

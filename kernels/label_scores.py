@@ -97,7 +97,9 @@ def _code_width(codes: torch.Tensor, bits: int, num_channels: int) -> int:
     """Code lanes per label (r, or r / 2 packed nibbles); ValueError if the labels hold another width."""
     width = num_channels // 2 if bits == 4 else num_channels
     if codes.shape[3] != width:
-        raise ValueError(f"labels hold {codes.shape[3]} code lanes, {bits}-bit labels of {num_channels} channels need {width}")
+        raise ValueError(
+            f"labels hold {codes.shape[3]} code lanes, {bits}-bit labels of {num_channels} channels need {width}"
+        )
     return width
 
 
@@ -116,16 +118,39 @@ if triton is not None:
 
     @triton.jit
     def _label_scores_kernel(
-        q_ptr, codes_ptr, scale_ptr, offset_ptr, out_ptr,
-        num_tokens, num_rows, num_row_blocks, scaling,
-        stride_qb, stride_qh, stride_ql, stride_qc,
-        stride_cb, stride_ch, stride_ct, stride_cc,
-        stride_sb, stride_sh, stride_st,
-        stride_ob, stride_oh, stride_ol, stride_ot,
-        CODE_WIDTH: tl.constexpr, BITS: tl.constexpr,
-        QUERY_PER_LABEL: tl.constexpr, LABELS_PER_PROGRAM: tl.constexpr,
-        SELECTS_PER_LABEL: tl.constexpr, HEADS_PER_SELECT_IN_LABEL: tl.constexpr,
-        BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+        q_ptr,
+        codes_ptr,
+        scale_ptr,
+        offset_ptr,
+        out_ptr,
+        num_tokens,
+        num_rows,
+        num_row_blocks,
+        scaling,
+        stride_qb,
+        stride_qh,
+        stride_ql,
+        stride_qc,
+        stride_cb,
+        stride_ch,
+        stride_ct,
+        stride_cc,
+        stride_sb,
+        stride_sh,
+        stride_st,
+        stride_ob,
+        stride_oh,
+        stride_ol,
+        stride_ot,
+        CODE_WIDTH: tl.constexpr,
+        BITS: tl.constexpr,
+        QUERY_PER_LABEL: tl.constexpr,
+        LABELS_PER_PROGRAM: tl.constexpr,
+        SELECTS_PER_LABEL: tl.constexpr,
+        HEADS_PER_SELECT_IN_LABEL: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
         # One program owns whole label heads: each label tile is loaded once and scored against every
         # query head that reads it, then max-reduced into the selection heads it feeds.
@@ -162,7 +187,9 @@ if triton is not None:
                     q_ok = row_ok[:, None] & lane_ok[None, :]
                     if BITS == 4:
                         q_even = tl.load(q_rows + (2 * lanes[None, :]) * stride_qc, mask=q_ok, other=0.0).to(tl.float32)
-                        q_odd = tl.load(q_rows + (2 * lanes[None, :] + 1) * stride_qc, mask=q_ok, other=0.0).to(tl.float32)
+                        q_odd = tl.load(q_rows + (2 * lanes[None, :] + 1) * stride_qc, mask=q_ok, other=0.0).to(
+                            tl.float32
+                        )
                         dots = _dot_rows(q_even, low_codes) + _dot_rows(q_odd, high_codes)
                         q_sum = tl.sum(q_even, axis=1) + tl.sum(q_odd, axis=1)
                     else:
@@ -174,10 +201,18 @@ if triton is not None:
                     best = tl.maximum(best, dots * scaling)
                 if SELECTS_PER_LABEL > 1:
                     select_head = label_head * SELECTS_PER_LABEL + sel
-                    out = out_ptr + batch * stride_ob + select_head * stride_oh + rows[:, None] * stride_ol + tokens[None, :] * stride_ot
+                    out = (
+                        out_ptr
+                        + batch * stride_ob
+                        + select_head * stride_oh
+                        + rows[:, None] * stride_ol
+                        + tokens[None, :] * stride_ot
+                    )
                     tl.store(out, best, mask=row_ok[:, None] & token_ok[None, :])
         if SELECTS_PER_LABEL == 1:
-            out = out_ptr + batch * stride_ob + unit * stride_oh + rows[:, None] * stride_ol + tokens[None, :] * stride_ot
+            out = (
+                out_ptr + batch * stride_ob + unit * stride_oh + rows[:, None] * stride_ol + tokens[None, :] * stride_ot
+            )
             tl.store(out, best, mask=row_ok[:, None] & token_ok[None, :])
 
 
@@ -208,7 +243,9 @@ def label_scores_triton(
     if out is None:
         scores = torch.empty(batch, heads, rows, num_tokens, dtype=torch.float32, device=q_labels.device)
     elif out.shape != (batch, heads, rows, num_tokens) or out.dtype != torch.float32:
-        raise ValueError(f"out must be float32 of shape {(batch, heads, rows, num_tokens)}, got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(
+            f"out must be float32 of shape {(batch, heads, rows, num_tokens)}, got {out.dtype} {tuple(out.shape)}"
+        )
     else:
         scores = out
     if scores.numel() == 0:
@@ -224,13 +261,28 @@ def label_scores_triton(
     stats_strides = labels.scale.stride() if bits != 16 else (0, 0, 0)
     grid = (triton.cdiv(num_tokens, block_tokens), num_label_heads // labels_per_program, batch * num_row_blocks)
     _label_scores_kernel[grid](
-        q_labels, codes, scale, offset, scores,
-        num_tokens, rows, num_row_blocks, float(scaling),
-        *q_labels.stride(), *codes.stride(), *stats_strides, *scores.stride(),
-        CODE_WIDTH=expected_width, BITS=bits,
-        QUERY_PER_LABEL=per_label, LABELS_PER_PROGRAM=labels_per_program,
-        SELECTS_PER_LABEL=max(1, per_label // per_select), HEADS_PER_SELECT_IN_LABEL=min(per_select, per_label),
-        BLOCK_L=block_l, BLOCK_T=block_tokens, BLOCK_C=block_c,
+        q_labels,
+        codes,
+        scale,
+        offset,
+        scores,
+        num_tokens,
+        rows,
+        num_row_blocks,
+        float(scaling),
+        *q_labels.stride(),
+        *codes.stride(),
+        *stats_strides,
+        *scores.stride(),
+        CODE_WIDTH=expected_width,
+        BITS=bits,
+        QUERY_PER_LABEL=per_label,
+        LABELS_PER_PROGRAM=labels_per_program,
+        SELECTS_PER_LABEL=max(1, per_label // per_select),
+        HEADS_PER_SELECT_IN_LABEL=min(per_select, per_label),
+        BLOCK_L=block_l,
+        BLOCK_T=block_tokens,
+        BLOCK_C=block_c,
     )
     return scores
 
@@ -248,7 +300,10 @@ def label_scores_cpu(
 
     native.require_native()
     if bits != 4:
-        raise ValueError(f"native label scores take 4-bit labels, got {bits}-bit ones; 8- and 16-bit labels run label_scores_reference")
+        raise ValueError(
+            f"native label scores take 4-bit labels, got {bits}-bit ones; "
+            "8- and 16-bit labels run label_scores_reference"
+        )
     batch, num_q_heads, rows, num_channels = q_labels.shape
     codes = labels.codes
     num_label_heads, num_tokens = codes.shape[1], codes.shape[2]

@@ -100,7 +100,10 @@ def select_tokens_cpu(
     if num_tokens > max_tokens:
         raise ValueError(f"native selection indexes at most {max_tokens} tokens, got {num_tokens}; use backend='torch'")
     if valid.shape != (batch, rows, num_tokens) or budgets.shape != (batch, rows):
-        raise ValueError(f"valid must be [B, L, T] = {(batch, rows, num_tokens)} and budgets [B, L], got {tuple(valid.shape)} and {tuple(budgets.shape)}")
+        raise ValueError(
+            f"valid must be [B, L, T] = {(batch, rows, num_tokens)} and budgets [B, L], "
+            f"got {tuple(valid.shape)} and {tuple(budgets.shape)}"
+        )
     if torch.compiler.is_compiling():  # one graph node; eager skips the dispatcher (see native_ops.py)
         indices = torch.ops.doublesparse.select_tokens(scores, valid, budgets, sink_tokens, recent_tokens, max_budget)
     else:

@@ -63,8 +63,9 @@ def check_attention_inputs(
             f"sinks must be one float logit per query head, shape [{num_q_heads}]; "
             f"got {sinks.dtype} {tuple(sinks.shape)}"
         )
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not math.isfinite(softcap) or softcap <= 0):
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0
+    ):
         raise ValueError(
             f"softcap must be a positive finite number (Gemma2's attn_logit_softcapping) or None, got {softcap!r}"
         )
@@ -258,19 +259,57 @@ if triton is not None:
 
     @triton.jit
     def _decode_partial_kernel(
-        q_ptr, k_ptr, v_ptr, index_ptr, keep_ptr, sinks_ptr,
-        part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
-        num_slots, slots_per_split, num_rows, scaling,
-        stride_qb, stride_qh, stride_ql, stride_qd,
-        stride_ob, stride_oh, stride_ol, stride_od,
-        stride_kb, stride_kh, stride_kt, stride_kd,
-        stride_vb, stride_vh, stride_vt, stride_vd,
-        stride_ib, stride_ih, stride_il, stride_ik,
-        stride_eb, stride_eh, stride_el, stride_ek,
-        HEADS_PER_PROGRAM: tl.constexpr, QUERY_PER_KV: tl.constexpr, KEY_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
-        DENSE: tl.constexpr, HAS_KEEP: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-        HAS_SINKS: tl.constexpr, SOFTCAP: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        index_ptr,
+        keep_ptr,
+        sinks_ptr,
+        part_out_ptr,
+        part_max_ptr,
+        part_sum_ptr,
+        out_ptr,
+        num_slots,
+        slots_per_split,
+        num_rows,
+        scaling,
+        stride_qb,
+        stride_qh,
+        stride_ql,
+        stride_qd,
+        stride_ob,
+        stride_oh,
+        stride_ol,
+        stride_od,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vt,
+        stride_vd,
+        stride_ib,
+        stride_ih,
+        stride_il,
+        stride_ik,
+        stride_eb,
+        stride_eh,
+        stride_el,
+        stride_ek,
+        HEADS_PER_PROGRAM: tl.constexpr,
+        QUERY_PER_KV: tl.constexpr,
+        KEY_DIM: tl.constexpr,
+        VALUE_DIM: tl.constexpr,
+        DENSE: tl.constexpr,
+        HAS_KEEP: tl.constexpr,
+        SINGLE_SPLIT: tl.constexpr,
+        HAS_SINKS: tl.constexpr,
+        SOFTCAP: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_DK: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
     ):
         # One program: the query heads that share one selection (a whole KV group for selection="group"),
         # one query row, one split of the selected slots. Partial results are unnormalised.
@@ -288,8 +327,9 @@ if triton is not None:
         key_dim_ok = key_dims < KEY_DIM
         value_dims = tl.arange(0, BLOCK_DV)
         value_dim_ok = value_dims < VALUE_DIM
-        q_tile = (q_ptr + batch * stride_qb + heads[:, None] * stride_qh + row * stride_ql
-                  + key_dims[None, :] * stride_qd)
+        q_tile = (
+            q_ptr + batch * stride_qb + heads[:, None] * stride_qh + row * stride_ql + key_dims[None, :] * stride_qd
+        )
         queries = tl.load(q_tile, mask=head_ok[:, None] & key_dim_ok[None, :], other=0.0).to(tl.float32)
         running_max = tl.full((BLOCK_H,), -float("inf"), tl.float32)
         running_sum = tl.zeros((BLOCK_H,), tl.float32)
@@ -307,8 +347,13 @@ if triton is not None:
             if HAS_KEEP:
                 keep_row = keep_ptr + batch * stride_eb + unit * stride_eh + row * stride_el
                 slot_ok = slot_ok & (tl.load(keep_row + slots * stride_ek, mask=slot_ok, other=0) != 0)
-            k_rows = (k_ptr + batch * stride_kb + kv_head * stride_kh + tokens[:, None] * stride_kt
-                      + key_dims[None, :] * stride_kd)
+            k_rows = (
+                k_ptr
+                + batch * stride_kb
+                + kv_head * stride_kh
+                + tokens[:, None] * stride_kt
+                + key_dims[None, :] * stride_kd
+            )
             keys = tl.load(k_rows, mask=slot_ok[:, None] & key_dim_ok[None, :], other=0.0).to(tl.float32)
             logits = tl.dot(queries, tl.trans(keys), input_precision="ieee") * scaling
             if SOFTCAP > 0:
@@ -319,8 +364,13 @@ if triton is not None:
             shift = tl.where(new_max == -float("inf"), 0.0, new_max)
             probs = tl.exp(logits - shift[:, None])
             rescale = tl.exp(running_max - shift)
-            v_rows = (v_ptr + batch * stride_vb + kv_head * stride_vh + tokens[:, None] * stride_vt
-                      + value_dims[None, :] * stride_vd)
+            v_rows = (
+                v_ptr
+                + batch * stride_vb
+                + kv_head * stride_vh
+                + tokens[:, None] * stride_vt
+                + value_dims[None, :] * stride_vd
+            )
             values = tl.load(v_rows, mask=slot_ok[:, None] & value_dim_ok[None, :], other=0.0).to(tl.float32)
             running_sum = running_sum * rescale + tl.sum(probs, axis=1)
             acc = acc * rescale[:, None] + tl.dot(probs, values, input_precision="ieee")
@@ -335,23 +385,43 @@ if triton is not None:
                 acc = acc * to_overall[:, None]
                 total = running_sum * to_overall + tl.exp(sink - sink_shift)
             merged = tl.where(total[:, None] > 0, acc / tl.where(total > 0, total, 1.0)[:, None], 0.0)
-            out = (out_ptr + batch * stride_ob + heads[:, None] * stride_oh + row * stride_ol
-                   + value_dims[None, :] * stride_od)
+            out = (
+                out_ptr
+                + batch * stride_ob
+                + heads[:, None] * stride_oh
+                + row * stride_ol
+                + value_dims[None, :] * stride_od
+            )
             tl.store(out, merged.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & value_dim_ok[None, :])
         else:
             # Partials are contiguous [B, H_q, L, splits(, d_v)].
             part = ((batch * (tl.num_programs(1) * HEADS_PER_PROGRAM) + heads) * num_rows + row) * num_splits + split
             tl.store(part_max_ptr + part, running_max, mask=head_ok)
             tl.store(part_sum_ptr + part, running_sum, mask=head_ok)
-            tl.store(part_out_ptr + part[:, None] * VALUE_DIM + value_dims[None, :], acc,
-                     mask=head_ok[:, None] & value_dim_ok[None, :])
+            tl.store(
+                part_out_ptr + part[:, None] * VALUE_DIM + value_dims[None, :],
+                acc,
+                mask=head_ok[:, None] & value_dim_ok[None, :],
+            )
 
     @triton.jit
     def _decode_merge_kernel(
-        part_out_ptr, part_max_ptr, part_sum_ptr, sinks_ptr, out_ptr,
-        num_splits, num_q_heads, num_rows,
-        stride_ob, stride_oh, stride_ol, stride_od,
-        VALUE_DIM: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+        part_out_ptr,
+        part_max_ptr,
+        part_sum_ptr,
+        sinks_ptr,
+        out_ptr,
+        num_splits,
+        num_q_heads,
+        num_rows,
+        stride_ob,
+        stride_oh,
+        stride_ol,
+        stride_od,
+        VALUE_DIM: tl.constexpr,
+        HAS_SINKS: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
     ):
         # One program per (batch, query head, row): merge the splits' softmax pieces. The sink is one
         # more term of the log-sum-exp, with its exp(sink - M) in the denominator only, and the overall
@@ -377,7 +447,8 @@ if triton is not None:
             total = total + tl.exp(sink - shift)
         parts = tl.load(
             part_out_ptr + (flat * num_splits + splits)[:, None] * VALUE_DIM + dims[None, :],
-            mask=split_ok[:, None] & dim_ok[None, :], other=0.0,
+            mask=split_ok[:, None] & dim_ok[None, :],
+            other=0.0,
         )
         merged = tl.sum(weights[:, None] * parts, axis=0)
         # A row with no valid slot returns zeros.
@@ -468,22 +539,56 @@ def flash_decode_triton(
         part_out = torch.empty(*part_shape, value_dim, dtype=torch.float32, device=query.device)
     block_dv = max(16, triton.next_power_of_2(value_dim))
     _decode_partial_kernel[(splits, units, batch * rows)](
-        query, keys, values, index_arg, keep_arg, sinks_arg,
-        part_out, part_max, part_sum, out,
-        num_slots, slots_per_split, rows, float(scaling),
-        *query.stride(), *out.stride(), *keys.stride(), *values.stride(), *index_strides, *keep_strides,
-        HEADS_PER_PROGRAM=heads_per_program, QUERY_PER_KV=query_per_kv, KEY_DIM=key_dim, VALUE_DIM=value_dim,
-        DENSE=indices is None, HAS_KEEP=keep is not None, SINGLE_SPLIT=splits == 1,
-        HAS_SINKS=sinks is not None, SOFTCAP=0.0 if softcap is None else float(softcap),
-        BLOCK_H=max(16, triton.next_power_of_2(heads_per_program)), BLOCK_K=block_slots,
-        BLOCK_DK=max(16, triton.next_power_of_2(key_dim)), BLOCK_DV=block_dv,
+        query,
+        keys,
+        values,
+        index_arg,
+        keep_arg,
+        sinks_arg,
+        part_out,
+        part_max,
+        part_sum,
+        out,
+        num_slots,
+        slots_per_split,
+        rows,
+        float(scaling),
+        *query.stride(),
+        *out.stride(),
+        *keys.stride(),
+        *values.stride(),
+        *index_strides,
+        *keep_strides,
+        HEADS_PER_PROGRAM=heads_per_program,
+        QUERY_PER_KV=query_per_kv,
+        KEY_DIM=key_dim,
+        VALUE_DIM=value_dim,
+        DENSE=indices is None,
+        HAS_KEEP=keep is not None,
+        SINGLE_SPLIT=splits == 1,
+        HAS_SINKS=sinks is not None,
+        SOFTCAP=0.0 if softcap is None else float(softcap),
+        BLOCK_H=max(16, triton.next_power_of_2(heads_per_program)),
+        BLOCK_K=block_slots,
+        BLOCK_DK=max(16, triton.next_power_of_2(key_dim)),
+        BLOCK_DV=block_dv,
     )
     if splits == 1:
         return out
     _decode_merge_kernel[(batch * num_q_heads * rows,)](
-        part_out, part_max, part_sum, sinks_arg, out,
-        splits, num_q_heads, rows, *out.stride(),
-        VALUE_DIM=value_dim, HAS_SINKS=sinks is not None, BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=block_dv,
+        part_out,
+        part_max,
+        part_sum,
+        sinks_arg,
+        out,
+        splits,
+        num_q_heads,
+        rows,
+        *out.stride(),
+        VALUE_DIM=value_dim,
+        HAS_SINKS=sinks is not None,
+        BLOCK_S=triton.next_power_of_2(splits),
+        BLOCK_DV=block_dv,
     )
     return out
 
@@ -523,11 +628,16 @@ def sparse_attention_cpu_supports(
     num_kv_heads, num_select_heads = keys.shape[1], indices.shape[1]
     return (
         # The native kernel knows one head size for keys and values, and neither sinks nor softcapping.
-        sinks is None and softcap is None and values.shape[3] == head_dim
+        sinks is None
+        and softcap is None
+        and values.shape[3] == head_dim
         and query.device.type == keys.device.type == values.device.type == "cpu"
-        and keys.dtype == values.dtype and keys.dtype in native_ops.ROW_KINDS
-        and keys.stride() == values.stride() and keys.stride(3) == 1
-        and num_select_heads % num_kv_heads == 0 and num_q_heads % num_select_heads == 0
+        and keys.dtype == values.dtype
+        and keys.dtype in native_ops.ROW_KINDS
+        and keys.stride() == values.stride()
+        and keys.stride(3) == 1
+        and num_select_heads % num_kv_heads == 0
+        and num_q_heads % num_select_heads == 0
         and native_ops.sparse_attention_limits_hold(num_q_heads, num_select_heads, head_dim)
     )
 
@@ -559,7 +669,9 @@ def sparse_attention_cpu(
     batch, num_q_heads, rows, head_dim = query.shape
     num_select_heads, slots = indices.shape[1], indices.shape[-1]
     per_select = num_q_heads // num_select_heads
-    weights = scratch_or_new(scratch, "attend_weights", (batch, num_select_heads, rows, per_select, slots), torch.float32, query.device)
+    weights = scratch_or_new(
+        scratch, "attend_weights", (batch, num_select_heads, rows, per_select, slots), torch.float32, query.device
+    )
     out = scratch_or_new(scratch, "attend_out", (batch, num_q_heads, rows, head_dim), torch.float32, query.device)
     native_ops.sparse_attention_into(query, keys, values, indices, slot_valid, scaling, weights, out)
     return out.to(query.dtype)

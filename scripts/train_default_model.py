@@ -97,8 +97,12 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default="doublesparse/assets/default_model")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=3000,
-                        help="optimizer steps (3000 fit about an hour on two CPU cores; more help the long contexts)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=3000,
+        help="optimizer steps (3000 fit about an hour on two CPU cores; more help the long contexts)",
+    )
     parser.add_argument("--context-lengths", default="256,512,1024,2048", help="curriculum stages, comma-separated")
     parser.add_argument("--stage-fractions", default="0.3,0.25,0.25,0.2", help="share of steps per stage")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step")
@@ -113,14 +117,29 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--answer-loss-weight", type=float, default=1.0, help="weight of the answer-token loss term")
-    parser.add_argument("--synthetic-context-weight", type=float, default=0.25,
-                        help="loss weight of non-answer tokens of synthetic documents (mostly random digits)")
-    parser.add_argument("--first-answer-weight", type=float, default=3.0,
-                        help="extra loss weight of the first token of each answer (where the line is looked up)")
-    parser.add_argument("--mix", default="0.25,0.25,0.15,0.2,0.15",
-                        help="shares of kv (questions), kv recall (restated lines), passkey, stdlib-text and copy documents")
-    parser.add_argument("--short-document-share", type=float, default=0.5,
-                        help="share of documents sized at random below the room left in the row (the rest fill it)")
+    parser.add_argument(
+        "--synthetic-context-weight",
+        type=float,
+        default=0.25,
+        help="loss weight of non-answer tokens of synthetic documents (mostly random digits)",
+    )
+    parser.add_argument(
+        "--first-answer-weight",
+        type=float,
+        default=3.0,
+        help="extra loss weight of the first token of each answer (where the line is looked up)",
+    )
+    parser.add_argument(
+        "--mix",
+        default="0.25,0.25,0.15,0.2,0.15",
+        help="shares of kv (questions), kv recall (restated lines), passkey, stdlib-text and copy documents",
+    )
+    parser.add_argument(
+        "--short-document-share",
+        type=float,
+        default=0.5,
+        help="share of documents sized at random below the room left in the row (the rest fill it)",
+    )
     parser.add_argument("--max-questions", type=int, default=16, help="most questions per key-value document")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-samples", type=int, default=8)
@@ -131,28 +150,58 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     parser.add_argument("--max-train-chars", type=int, default=16_000_000)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--evaluate-only", action="store_true",
-                        help="evaluate the checkpoint in --out-dir and rewrite metrics and model card")
-    parser.add_argument("--card-only", action="store_true",
-                        help="rewrite MODEL_CARD.md in --out-dir from its recorded summary and metrics (no training, no evaluation)")
+    parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="evaluate the checkpoint in --out-dir and rewrite metrics and model card",
+    )
+    parser.add_argument(
+        "--card-only",
+        action="store_true",
+        help="rewrite MODEL_CARD.md in --out-dir from its recorded summary and metrics (no training, no evaluation)",
+    )
     raw = parser.parse_args(argv)
     mix = [float(x) for x in raw.mix.split(",")]
     if len(mix) != 5 or min(mix) < 0 or sum(mix) <= 0:
         parser.error("--mix needs five non-negative shares: kv, recall, passkey, text, copy")
     args = TrainArgs(
-        out_dir=raw.out_dir, seed=raw.seed, steps=raw.steps,
+        out_dir=raw.out_dir,
+        seed=raw.seed,
+        steps=raw.steps,
         context_lengths=[int(x) for x in raw.context_lengths.split(",")],
         stage_fractions=[float(x) for x in raw.stage_fractions.split(",")],
-        batch_tokens=raw.batch_tokens, num_layers=raw.num_layers, hidden_size=raw.hidden_size,
-        intermediate_size=raw.intermediate_size, num_heads=raw.num_heads, num_kv_heads=raw.num_kv_heads,
-        head_dim=raw.head_dim, vocab_size=raw.vocab_size, learning_rate=raw.learning_rate,
-        warmup_steps=raw.warmup_steps, weight_decay=raw.weight_decay, answer_loss_weight=raw.answer_loss_weight,
-        synthetic_context_weight=raw.synthetic_context_weight, mix_kv=mix[0], mix_recall=mix[1], mix_passkey=mix[2], mix_text=mix[3],
-        mix_copy=mix[4], first_answer_weight=raw.first_answer_weight, short_document_share=raw.short_document_share, max_questions=raw.max_questions,
-        eval_every=raw.eval_every, eval_samples=raw.eval_samples, eval_text_tokens=raw.eval_text_tokens,
-        final_eval_samples=raw.final_eval_samples, final_eval_text_tokens=raw.final_eval_text_tokens,
-        tokenizer_chars=raw.tokenizer_chars, max_train_chars=raw.max_train_chars, device=raw.device,
-        threads=raw.threads, evaluate_only=raw.evaluate_only, card_only=raw.card_only,
+        batch_tokens=raw.batch_tokens,
+        num_layers=raw.num_layers,
+        hidden_size=raw.hidden_size,
+        intermediate_size=raw.intermediate_size,
+        num_heads=raw.num_heads,
+        num_kv_heads=raw.num_kv_heads,
+        head_dim=raw.head_dim,
+        vocab_size=raw.vocab_size,
+        learning_rate=raw.learning_rate,
+        warmup_steps=raw.warmup_steps,
+        weight_decay=raw.weight_decay,
+        answer_loss_weight=raw.answer_loss_weight,
+        synthetic_context_weight=raw.synthetic_context_weight,
+        mix_kv=mix[0],
+        mix_recall=mix[1],
+        mix_passkey=mix[2],
+        mix_text=mix[3],
+        mix_copy=mix[4],
+        first_answer_weight=raw.first_answer_weight,
+        short_document_share=raw.short_document_share,
+        max_questions=raw.max_questions,
+        eval_every=raw.eval_every,
+        eval_samples=raw.eval_samples,
+        eval_text_tokens=raw.eval_text_tokens,
+        final_eval_samples=raw.final_eval_samples,
+        final_eval_text_tokens=raw.final_eval_text_tokens,
+        tokenizer_chars=raw.tokenizer_chars,
+        max_train_chars=raw.max_train_chars,
+        device=raw.device,
+        threads=raw.threads,
+        evaluate_only=raw.evaluate_only,
+        card_only=raw.card_only,
     )
     if len(args.context_lengths) != len(args.stage_fractions) or abs(sum(args.stage_fractions) - 1) > 1e-6:
         parser.error("--stage-fractions needs one share per context length, summing to 1")
@@ -232,7 +281,10 @@ def train_tokenizer(texts: list[str], vocab_size: int, seed: int) -> PreTrainedT
         single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=BOS_TOKEN, eos_token=BOS_TOKEN, pad_token=PAD_TOKEN,
+        tokenizer_object=tokenizer,
+        bos_token=BOS_TOKEN,
+        eos_token=BOS_TOKEN,
+        pad_token=PAD_TOKEN,
         model_max_length=1 << 20,
     )
 
@@ -453,16 +505,21 @@ def evaluation_set(
     )
 
 
-def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, data: EvaluationSet,
-             device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, data: EvaluationSet, device: torch.device
+) -> dict[str, float]:
     """Dense greedy accuracies of the retrieval tasks and the held-out loss / perplexity."""
     model.eval()
     batch = max(1, 8192 // data.long_length)
     metrics = {
         f"kv_accuracy_{data.short_length}": synthetic.greedy_answer_accuracy(model, tokenizer, data.kv_short, batch),
         f"kv_accuracy_{data.long_length}": synthetic.greedy_answer_accuracy(model, tokenizer, data.kv_long, batch),
-        f"passkey_accuracy_{data.short_length}": synthetic.greedy_answer_accuracy(model, tokenizer, data.passkey_short, batch),
-        f"passkey_accuracy_{data.long_length}": synthetic.greedy_answer_accuracy(model, tokenizer, data.passkey_long, batch),
+        f"passkey_accuracy_{data.short_length}": synthetic.greedy_answer_accuracy(
+            model, tokenizer, data.passkey_short, batch
+        ),
+        f"passkey_accuracy_{data.long_length}": synthetic.greedy_answer_accuracy(
+            model, tokenizer, data.passkey_long, batch
+        ),
     }
     loss = heldout_loss(model, data.heldout_tokens, data.short_length, device)
     metrics["heldout_loss"] = loss
@@ -509,7 +566,9 @@ def plot_curves(history: list[dict[str, float]], validations: list[dict[str, flo
     left.plot(steps, [entry["lm_loss"] for entry in history], label="train LM loss (weighted)", lw=0.8)
     left.plot(steps, [entry["answer_loss"] for entry in history], label="train answer-token loss", lw=0.8)
     if validations:
-        left.plot([v["step"] for v in validations], [v["heldout_loss"] for v in validations], "o-", label="held-out loss")
+        left.plot(
+            [v["step"] for v in validations], [v["heldout_loss"] for v in validations], "o-", label="held-out loss"
+        )
     left.set_xlabel("step")
     left.set_ylabel("loss (nats/token)")
     left.set_yscale("log")
@@ -529,8 +588,14 @@ def plot_curves(history: list[dict[str, float]], validations: list[dict[str, flo
 
 def folder_megabytes(folder: Path) -> float:
     """Size of the model files in `folder` (weights, configs, tokenizer), in MB."""
-    names = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json")
+    names = (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    )
     return sum((folder / name).stat().st_size for name in names if (folder / name).exists()) / 1e6
 
 
@@ -551,11 +616,14 @@ def targets_section(metrics: dict[str, float], short: int, long: int, summary: d
             missed.append(key)
     if missed:
         steps = f"{summary['steps_done']} steps ({summary['tokens_seen']:,} tokens)"
-        lines += ["", f"Not reached by this run: {', '.join(missed)}. The shipped checkpoint is the best one of a run of "
-                  f"{steps} on {summary['device_name']}, the most that fitted the time the run had. Retrieval at the "
-                  "longest context is learnt last, in the final curriculum stage; what it still needs is more steps "
-                  "at the long stages (a larger `--steps`, or the same recipe on a GPU, where the script runs "
-                  "unchanged), then `--evaluate-only` to re-measure."]
+        lines += [
+            "",
+            f"Not reached by this run: {', '.join(missed)}. The shipped checkpoint is the best one of a run of "
+            f"{steps} on {summary['device_name']}, the most that fitted the time the run had. Retrieval at the "
+            "longest context is learnt last, in the final curriculum stage; what it still needs is more steps "
+            "at the long stages (a larger `--steps`, or the same recipe on a GPU, where the script runs "
+            "unchanged), then `--evaluate-only` to re-measure.",
+        ]
     return "\n".join(lines)
 
 
@@ -657,8 +725,14 @@ def load_checkpoint(out_dir: Path, device: torch.device) -> tuple[LlamaForCausal
 def final_evaluation(args: TrainArgs, out_dir: Path, device: torch.device, heldout_text: str, command: str) -> dict:
     """Evaluate the shipped checkpoint, write metrics.json and MODEL_CARD.md."""
     model, tokenizer = load_checkpoint(out_dir, device)
-    data = evaluation_set(tokenizer, heldout_text, args.final_eval_samples, args.final_eval_text_tokens,
-                          args.seed + FINAL_EVAL_SEED_OFFSET, max(args.context_lengths))
+    data = evaluation_set(
+        tokenizer,
+        heldout_text,
+        args.final_eval_samples,
+        args.final_eval_text_tokens,
+        args.seed + FINAL_EVAL_SEED_OFFSET,
+        max(args.context_lengths),
+    )
     metrics = evaluate(model, tokenizer, data, device)
     LOGGER.info("final evaluation: %s", json.dumps(metrics))
     write_json(out_dir / "metrics.json", {"command": command, "samples_per_task": args.final_eval_samples, **metrics})
@@ -694,31 +768,53 @@ def train(args: TrainArgs, command: str) -> None:
     train_texts = read_split(root, files, "train", args.max_train_chars)
     tokenizer = train_tokenizer(read_split(root, files, "train", args.tokenizer_chars), args.vocab_size, args.seed)
     stream = encode_stream(tokenizer, train_texts)
-    LOGGER.info("tokenizer %d tokens; train stream %d tokens from %d files (%.0f s)",
-                len(tokenizer), len(stream), len(train_texts), time.time() - started)
+    LOGGER.info(
+        "tokenizer %d tokens; train stream %d tokens from %d files (%.0f s)",
+        len(tokenizer),
+        len(stream),
+        len(train_texts),
+        time.time() - started,
+    )
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
-        head_dim=args.head_dim, max_position_embeddings=max(4096, 2 * max(args.context_lengths)),
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=max(4096, 2 * max(args.context_lengths)),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config).to(device)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        do_sample=False, max_new_tokens=8,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=8,
     )
     parameters = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate, betas=(0.9, 0.95),
+        lr=args.learning_rate,
+        betas=(0.9, 0.95),
     )
-    validation = evaluation_set(tokenizer, heldout_text, args.eval_samples, args.eval_text_tokens,
-                                args.seed + VALIDATION_SEED_OFFSET, max(args.context_lengths))
+    validation = evaluation_set(
+        tokenizer,
+        heldout_text,
+        args.eval_samples,
+        args.eval_text_tokens,
+        args.seed + VALIDATION_SEED_OFFSET,
+        max(args.context_lengths),
+    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     data_rng = random.Random(args.seed)
     history: list[dict[str, float]] = []
@@ -727,14 +823,25 @@ def train(args: TrainArgs, command: str) -> None:
 
     def record_summary(steps_done: int) -> None:
         recent = history[-20:]
-        write_json(out_dir / "training_summary.json", {
-            "args": asdict(args), "command": command, "parameters": parameters, "vocab_size": len(tokenizer),
-            "steps_done": steps_done, "tokens_seen": tokens_seen, "wall_time_s": time.time() - started,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
-            "best_step": best_step, "best_validation": next((v for v in validations if v["step"] == best_step), None),
-            "final_lm_loss": sum(e["lm_loss"] for e in recent) / max(len(recent), 1),
-            "final_answer_loss": sum(e["answer_loss"] for e in recent) / max(len(recent), 1),
-        })
+        write_json(
+            out_dir / "training_summary.json",
+            {
+                "args": asdict(args),
+                "command": command,
+                "parameters": parameters,
+                "vocab_size": len(tokenizer),
+                "steps_done": steps_done,
+                "tokens_seen": tokens_seen,
+                "wall_time_s": time.time() - started,
+                "device_name": torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else f"CPU ({torch.get_num_threads()} threads)",
+                "best_step": best_step,
+                "best_validation": next((v for v in validations if v["step"] == best_step), None),
+                "final_lm_loss": sum(e["lm_loss"] for e in recent) / max(len(recent), 1),
+                "final_answer_loss": sum(e["answer_loss"] for e in recent) / max(len(recent), 1),
+            },
+        )
         write_json(out_dir / "loss_curve.json", {"train": history, "validation": validations})
 
     model.train()
@@ -752,23 +859,41 @@ def train(args: TrainArgs, command: str) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         tokens_seen += input_ids.numel()
-        entry = {"step": step, "context_length": context_length, "tokens_seen": tokens_seen,
-                 "lr": optimizer.param_groups[0]["lr"], **{name: value.item() for name, value in losses.items()}}
+        entry = {
+            "step": step,
+            "context_length": context_length,
+            "tokens_seen": tokens_seen,
+            "lr": optimizer.param_groups[0]["lr"],
+            **{name: value.item() for name, value in losses.items()},
+        }
         history.append(entry)
-        progress.set_postfix(L=context_length, lm=f"{entry['lm_loss']:.3f}", ans=f"{entry['answer_loss']:.3f}",
-                             acc=f"{entry['answer_token_accuracy']:.2f}")
+        progress.set_postfix(
+            L=context_length,
+            lm=f"{entry['lm_loss']:.3f}",
+            ans=f"{entry['answer_loss']:.3f}",
+            acc=f"{entry['answer_token_accuracy']:.2f}",
+        )
         last_step = step == args.steps - 1
         if (step + 1) % args.eval_every == 0 or last_step:
             metrics = evaluate(model, tokenizer, validation, device)
             metrics["step"] = step
             validations.append(metrics)
             score = validation_score(metrics)
-            LOGGER.info("step %d (L=%d, %d tokens, %.0f s): %s", step, context_length, tokens_seen,
-                        time.time() - started, json.dumps(metrics))
+            LOGGER.info(
+                "step %d (L=%d, %d tokens, %.0f s): %s",
+                step,
+                context_length,
+                tokens_seen,
+                time.time() - started,
+                json.dumps(metrics),
+            )
             # Only checkpoints from the last stage qualify once it starts: earlier ones never saw the
             # longest context, and a lucky early score must not hide the trained model.
-            if score > best_score or (best_step >= 0 and stage_of(best_step, args) < stage_of(step, args)
-                                      and stage_of(step, args) == len(args.context_lengths) - 1):
+            if score > best_score or (
+                best_step >= 0
+                and stage_of(best_step, args) < stage_of(step, args)
+                and stage_of(step, args) == len(args.context_lengths) - 1
+            ):
                 best_score, best_step = score, step
                 save_checkpoint(model, tokenizer, out_dir)
             record_summary(step + 1)

@@ -68,15 +68,23 @@ def sparse_attention_reference(
     queries = query.float().view(batch, num_kv_heads, per_kv, per_select, rows, head_dim).transpose(3, 4)
     logits = torch.matmul(queries, picked_keys.transpose(-1, -2)) * scaling  # [B, H_kv, S, L, G, K]
     keep = slot_valid.expand(batch, -1, rows, slots)
-    keep = keep.reshape(batch, num_kv_heads, per_kv, rows, 1, slots) if keep.shape[1] > 1 else keep.reshape(batch, 1, 1, rows, 1, slots)
+    keep = (
+        keep.reshape(batch, num_kv_heads, per_kv, rows, 1, slots)
+        if keep.shape[1] > 1
+        else keep.reshape(batch, 1, 1, rows, 1, slots)
+    )
     logits = logits.masked_fill(~keep, float("-inf"))
     weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     out = weighted_rows(values, index, weights, scratch)  # [B, H_kv, S, L, G, d]
     return out.transpose(3, 4).reshape(batch, num_q_heads, rows, head_dim).to(query.dtype)
 
 
-def weighted_rows(values: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, scratch: Optional[Scratch] = None) -> torch.Tensor:
-    """Sum of rows `index` of `values` weighted by `weights`: [B, H, N, d], [B, H, S*L*K], [B, H, S, L, G, K] -> [B, H, S, L, G, d].
+def weighted_rows(
+    values: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, scratch: Optional[Scratch] = None
+) -> torch.Tensor:
+    """Sum of rows `index` of `values` weighted by `weights`.
+
+    Shapes: [B, H, N, d], [B, H, S*L*K], [B, H, S, L, G, K] -> [B, H, S, L, G, d].
 
     fp32 values go through embedding_bag, which sums the rows as it reads them: on the CPU about
     seven times faster than gathering them first and multiplying (measured at 32K context, batch 4).
@@ -91,7 +99,9 @@ def weighted_rows(values: torch.Tensor, index: torch.Tensor, weights: torch.Tens
             rows, values.view(-1, head_dim), offsets, mode="sum", per_sample_weights=weights.reshape(-1)
         )
         return summed.view(*outer, per_select, head_dim)
-    picked = take_rows(values, index, scratch_or_new(scratch, "picked_values", (*index.shape, head_dim), values.dtype, values.device))
+    picked = take_rows(
+        values, index, scratch_or_new(scratch, "picked_values", (*index.shape, head_dim), values.dtype, values.device)
+    )
     return torch.matmul(weights, picked.float().view(*outer, slots, head_dim))
 
 
@@ -101,8 +111,12 @@ def _sparse_attention_per_query_head(query, keys, values, indices, slot_valid, s
     slots = indices.shape[-1]
     index = _per_query_head(indices, num_q_heads).reshape(batch, num_q_heads, rows * slots, 1)
     index = index.expand(-1, -1, -1, head_dim)
-    picked_keys = torch.gather(_per_query_head(keys, num_q_heads), 2, index).view(batch, num_q_heads, rows, slots, head_dim)
-    picked_values = torch.gather(_per_query_head(values, num_q_heads), 2, index).view(batch, num_q_heads, rows, slots, head_dim)
+    picked_keys = torch.gather(_per_query_head(keys, num_q_heads), 2, index).view(
+        batch, num_q_heads, rows, slots, head_dim
+    )
+    picked_values = torch.gather(_per_query_head(values, num_q_heads), 2, index).view(
+        batch, num_q_heads, rows, slots, head_dim
+    )
     logits = torch.einsum("bhld,bhlkd->bhlk", query.float(), picked_keys.float()) * scaling
     keep = _per_query_head(slot_valid.expand(batch, -1, -1, -1), num_q_heads) if slot_valid.shape[1] > 1 else slot_valid
     logits = logits.masked_fill(~keep, float("-inf"))
@@ -134,18 +148,52 @@ if triton is not None:
 
     @triton.jit
     def _decode_partial_kernel(
-        q_ptr, k_ptr, v_ptr, index_ptr, keep_ptr,
-        part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
-        num_slots, slots_per_split, num_rows, scaling,
-        stride_qb, stride_qh, stride_ql, stride_qd,
-        stride_ob, stride_oh, stride_ol, stride_od,
-        stride_kb, stride_kh, stride_kt, stride_kd,
-        stride_vb, stride_vh, stride_vt, stride_vd,
-        stride_ib, stride_ih, stride_il, stride_ik,
-        stride_eb, stride_eh, stride_el, stride_ek,
-        HEADS_PER_PROGRAM: tl.constexpr, QUERY_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-        DENSE: tl.constexpr, HAS_KEEP: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        index_ptr,
+        keep_ptr,
+        part_out_ptr,
+        part_max_ptr,
+        part_sum_ptr,
+        out_ptr,
+        num_slots,
+        slots_per_split,
+        num_rows,
+        scaling,
+        stride_qb,
+        stride_qh,
+        stride_ql,
+        stride_qd,
+        stride_ob,
+        stride_oh,
+        stride_ol,
+        stride_od,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vt,
+        stride_vd,
+        stride_ib,
+        stride_ih,
+        stride_il,
+        stride_ik,
+        stride_eb,
+        stride_eh,
+        stride_el,
+        stride_ek,
+        HEADS_PER_PROGRAM: tl.constexpr,
+        QUERY_PER_KV: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        DENSE: tl.constexpr,
+        HAS_KEEP: tl.constexpr,
+        SINGLE_SPLIT: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         # One program: the query heads that share one selection (a whole KV group for selection="group"),
         # one query row, one split of the selected slots. Partial results are unnormalised.
@@ -178,7 +226,13 @@ if triton is not None:
                 keep_row = keep_ptr + batch * stride_eb + unit * stride_eh + row * stride_el
                 slot_ok = slot_ok & (tl.load(keep_row + slots * stride_ek, mask=slot_ok, other=0) != 0)
             row_ok = slot_ok[:, None] & dim_ok[None, :]
-            k_rows = k_ptr + batch * stride_kb + kv_head * stride_kh + tokens[:, None] * stride_kt + dims[None, :] * stride_kd
+            k_rows = (
+                k_ptr
+                + batch * stride_kb
+                + kv_head * stride_kh
+                + tokens[:, None] * stride_kt
+                + dims[None, :] * stride_kd
+            )
             keys = tl.load(k_rows, mask=row_ok, other=0.0).to(tl.float32)
             logits = tl.dot(queries, tl.trans(keys), input_precision="ieee") * scaling
             logits = tl.where(slot_ok[None, :], logits, -float("inf"))
@@ -187,7 +241,13 @@ if triton is not None:
             shift = tl.where(new_max == -float("inf"), 0.0, new_max)
             probs = tl.exp(logits - shift[:, None])
             rescale = tl.exp(running_max - shift)
-            v_rows = v_ptr + batch * stride_vb + kv_head * stride_vh + tokens[:, None] * stride_vt + dims[None, :] * stride_vd
+            v_rows = (
+                v_ptr
+                + batch * stride_vb
+                + kv_head * stride_vh
+                + tokens[:, None] * stride_vt
+                + dims[None, :] * stride_vd
+            )
             values = tl.load(v_rows, mask=row_ok, other=0.0).to(tl.float32)
             running_sum = running_sum * rescale + tl.sum(probs, axis=1)
             acc = acc * rescale[:, None] + tl.dot(probs, values, input_precision="ieee")
@@ -201,14 +261,26 @@ if triton is not None:
             part = ((batch * (tl.num_programs(1) * HEADS_PER_PROGRAM) + heads) * num_rows + row) * num_splits + split
             tl.store(part_max_ptr + part, running_max, mask=head_ok)
             tl.store(part_sum_ptr + part, running_sum, mask=head_ok)
-            tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None] & dim_ok[None, :])
+            tl.store(
+                part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None] & dim_ok[None, :]
+            )
 
     @triton.jit
     def _decode_merge_kernel(
-        part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
-        num_splits, num_q_heads, num_rows,
-        stride_ob, stride_oh, stride_ol, stride_od,
-        HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        part_out_ptr,
+        part_max_ptr,
+        part_sum_ptr,
+        out_ptr,
+        num_splits,
+        num_q_heads,
+        num_rows,
+        stride_ob,
+        stride_oh,
+        stride_ol,
+        stride_od,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         # One program per (batch, query head, row): merge the splits' softmax pieces.
         flat = tl.program_id(0)
@@ -226,7 +298,8 @@ if triton is not None:
         total = tl.sum(weights * sums, axis=0)
         parts = tl.load(
             part_out_ptr + (flat * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :],
-            mask=split_ok[:, None] & dim_ok[None, :], other=0.0,
+            mask=split_ok[:, None] & dim_ok[None, :],
+            other=0.0,
         )
         merged = tl.sum(weights[:, None] * parts, axis=0)
         # A row with no valid slot returns zeros.
@@ -264,7 +337,9 @@ def flash_decode_triton(
     batch, num_q_heads, rows, head_dim = query.shape
     num_kv_heads, num_tokens = keys.shape[1], keys.shape[2]
     if keys.shape != values.shape or keys.shape[0] != batch or keys.shape[3] != head_dim:
-        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must both be [B={batch}, H_kv, T, d={head_dim}]")
+        raise ValueError(
+            f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must both be [B={batch}, H_kv, T, d={head_dim}]"
+        )
     if num_q_heads % num_kv_heads:
         raise ValueError(f"{num_q_heads} query heads cannot share {num_kv_heads} KV heads evenly")
     query_per_kv = num_q_heads // num_kv_heads
@@ -309,20 +384,49 @@ def flash_decode_triton(
         part_sum = torch.empty(part_shape, dtype=torch.float32, device=query.device)
         part_out = torch.empty(*part_shape, head_dim, dtype=torch.float32, device=query.device)
     _decode_partial_kernel[(splits, units, batch * rows)](
-        query, keys, values, index_arg, keep_arg,
-        part_out, part_max, part_sum, out,
-        num_slots, slots_per_split, rows, float(scaling),
-        *query.stride(), *out.stride(), *keys.stride(), *values.stride(), *index_strides, *keep_strides,
-        HEADS_PER_PROGRAM=heads_per_program, QUERY_PER_KV=query_per_kv, HEAD_DIM=head_dim,
-        DENSE=indices is None, HAS_KEEP=keep is not None, SINGLE_SPLIT=splits == 1,
-        BLOCK_H=max(16, triton.next_power_of_2(heads_per_program)), BLOCK_K=block_slots, BLOCK_D=block_d,
+        query,
+        keys,
+        values,
+        index_arg,
+        keep_arg,
+        part_out,
+        part_max,
+        part_sum,
+        out,
+        num_slots,
+        slots_per_split,
+        rows,
+        float(scaling),
+        *query.stride(),
+        *out.stride(),
+        *keys.stride(),
+        *values.stride(),
+        *index_strides,
+        *keep_strides,
+        HEADS_PER_PROGRAM=heads_per_program,
+        QUERY_PER_KV=query_per_kv,
+        HEAD_DIM=head_dim,
+        DENSE=indices is None,
+        HAS_KEEP=keep is not None,
+        SINGLE_SPLIT=splits == 1,
+        BLOCK_H=max(16, triton.next_power_of_2(heads_per_program)),
+        BLOCK_K=block_slots,
+        BLOCK_D=block_d,
     )
     if splits == 1:
         return out
     _decode_merge_kernel[(batch * num_q_heads * rows,)](
-        part_out, part_max, part_sum, out,
-        splits, num_q_heads, rows, *out.stride(),
-        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+        part_out,
+        part_max,
+        part_sum,
+        out,
+        splits,
+        num_q_heads,
+        rows,
+        *out.stride(),
+        HEAD_DIM=head_dim,
+        BLOCK_S=triton.next_power_of_2(splits),
+        BLOCK_D=block_d,
     )
     return out
 
@@ -339,7 +443,6 @@ def sparse_attention_triton(
 ) -> torch.Tensor:
     """Triton sparse attention: same result as `sparse_attention_reference` ([B, H_q, L, d])."""
     return flash_decode_triton(query, keys, values, scaling, indices, slot_valid, out=out, num_splits=num_splits)
-
 
 
 def dense_attention_reference(

@@ -25,7 +25,9 @@ def output_tolerance(dtype: torch.dtype) -> float:
 
 def random_channels(num_heads: int, head_dim: int, num_channels: int, generator: torch.Generator) -> torch.Tensor:
     """Distinct random channels [num_heads, r] per head."""
-    return torch.stack([torch.randperm(head_dim, generator=generator)[:num_channels] for _ in range(num_heads)]).to(DEVICE)
+    return torch.stack([torch.randperm(head_dim, generator=generator)[:num_channels] for _ in range(num_heads)]).to(
+        DEVICE
+    )
 
 
 def randn(*shape: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
@@ -105,11 +107,11 @@ def assert_matches_oracle(actual: torch.Tensor, oracle: torch.Tensor, dtype: tor
 # Sparse-attention problems shared by the kernel tests.
 CASES = [
     # batch, query heads, kv heads, selection heads, rows, head_dim, tokens, budget, splits
-    (2, 8, 2, 2, 1, 64, 100, 37, 3),      # GQA group 4, one selection per group, ragged split tail
+    (2, 8, 2, 2, 1, 64, 100, 37, 3),  # GQA group 4, one selection per group, ragged split tail
     (1, 8, 1, 1, 1, 128, 300, 150, None),  # group 8, default splits
-    (2, 2, 2, 2, 1, 128, 40, 40, 2),       # group 1 (MHA)
-    (1, 8, 2, 8, 1, 64, 70, 23, 2),        # selection per query head
-    (1, 4, 2, 2, 2, 80, 50, 9, 1),         # two query rows, head_dim 80 (masked lanes)
+    (2, 2, 2, 2, 1, 128, 40, 40, 2),  # group 1 (MHA)
+    (1, 8, 2, 8, 1, 64, 70, 23, 2),  # selection per query head
+    (1, 4, 2, 2, 2, 80, 50, 9, 1),  # two query rows, head_dim 80 (masked lanes)
 ]
 
 

@@ -147,7 +147,9 @@ def main() -> None:
         )
     except Exception as error:
         report["fused_gathered"] = {"error": f"{type(error).__name__}: {error}"}
-    prefetch = ds.SparsityConfig(num_channels=4, offload=True, prefetch=True, label_bits=16, sink_tokens=0, recent_tokens=0)
+    prefetch = ds.SparsityConfig(
+        num_channels=4, offload=True, prefetch=True, label_bits=16, sink_tokens=0, recent_tokens=0
+    )
     report["fused_prefetch_error"] = error_of(lambda: ds.apply(fused_sharded, fused_mask, prefetch))
 
     # A mask of one rank's rows only does not fit: the error names the rank and the head counts.
@@ -155,11 +157,19 @@ def main() -> None:
     whole_layout = ds.HeadLayout.from_config(whole.config)
     rank_layout = dataclasses.replace(whole_layout, num_heads=2, num_kv_heads=1)
     local = ds.ChannelMask(mask.ranking[:, :2], "qk", rank_layout, per_kv_head=False)
-    report["local_mask_error"] = error_of(lambda: ds.apply(sharded, local, ds.SparsityConfig(num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0)))
+    report["local_mask_error"] = error_of(
+        lambda: ds.apply(
+            sharded, local, ds.SparsityConfig(num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0)
+        )
+    )
     # A model whose single KV head cannot split over two ranks is refused before anything is patched.
     split = AutoModelForCausalLM.from_pretrained(split_dir, tp_plan="auto", dtype=torch.float32).eval()
     split_mask = random_channel_mask(AutoModelForCausalLM.from_pretrained(split_dir, dtype=torch.float32))
-    report["split_head_error"] = error_of(lambda: ds.apply(split, split_mask, ds.SparsityConfig(num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0)))
+    report["split_head_error"] = error_of(
+        lambda: ds.apply(
+            split, split_mask, ds.SparsityConfig(num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0)
+        )
+    )
     report["split_head_untouched"] = not ds.patch.is_patched(split)
 
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report, indent=1))

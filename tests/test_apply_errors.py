@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import doublesparse as ds
+
 from tiny_models import random_channel_mask, tiny_model
 
 
@@ -35,14 +36,22 @@ def test_mask_with_other_head_count():
 def test_channel_count_above_head_dim():
     model = tiny_model("phi3")
     with pytest.raises(ValueError, match="num_channels"):
-        ds.apply(model, random_channel_mask(model), ds.SparsityConfig(num_channels=32, label_bits=16, sink_tokens=0, recent_tokens=0))
+        ds.apply(
+            model,
+            random_channel_mask(model),
+            ds.SparsityConfig(num_channels=32, label_bits=16, sink_tokens=0, recent_tokens=0),
+        )
     assert untouched(model)
 
 
 def test_dense_layer_out_of_range():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="dense_layers"):
-        ds.apply(model, random_channel_mask(model), ds.SparsityConfig(dense_layers=[7], num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0))
+        ds.apply(
+            model,
+            random_channel_mask(model),
+            ds.SparsityConfig(dense_layers=[7], num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0),
+        )
     assert untouched(model)
 
 
@@ -71,14 +80,22 @@ def test_failure_while_patching_rolls_back(monkeypatch):
 
     monkeypatch.setattr(model, "set_attn_implementation", broken)
     with pytest.raises(RuntimeError):
-        ds.apply(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0))
+        ds.apply(
+            model,
+            random_channel_mask(model),
+            ds.SparsityConfig(num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0),
+        )
     monkeypatch.undo()
     assert untouched(model)
 
 
 def test_double_apply_and_foreign_filled_cache():
     model = tiny_model("llama")
-    ds.apply(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0))
+    ds.apply(
+        model,
+        random_channel_mask(model),
+        ds.SparsityConfig(num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0),
+    )
     with pytest.raises(ValueError, match="already patched"):
         ds.apply(model, random_channel_mask(model))
     from transformers import DynamicCache

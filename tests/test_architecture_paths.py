@@ -146,7 +146,9 @@ def test_the_baselines_attend_with_sinks_softcap_and_value_widths(arch, method):
     model = tiny_model(arch)
     input_ids, attention_mask = left_padded_batch([12, 9], seed=5)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    config = ds.SparsityConfig(num_channels=4, token_budget=11, simulate=True, label_bits=16, sink_tokens=0, recent_tokens=0)
+    config = ds.SparsityConfig(
+        num_channels=4, token_budget=11, simulate=True, label_bits=16, sink_tokens=0, recent_tokens=0
+    )
     with torch.no_grad():
         dense = model(**kwargs).logits
         with make_method(method).patch(model, config, random_channel_mask(model)):

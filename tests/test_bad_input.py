@@ -370,7 +370,11 @@ def test_3_statistics_of_another_shape_are_refused(tmp_path):
         ChannelMask.load(path)
     model = tiny_model("llama", num_heads=4, num_kv_heads=2, head_dim=64)
     with pytest.raises(ValueError, match="statistics.qk have shape"):
-        ds.apply(model, path, ds.SparsityConfig(num_channels=16, selection="group", label_bits=16, sink_tokens=0, recent_tokens=0))
+        ds.apply(
+            model,
+            path,
+            ds.SparsityConfig(num_channels=16, selection="group", label_bits=16, sink_tokens=0, recent_tokens=0),
+        )
 
 
 @pytest.mark.parametrize("fault", ["nan", "some nan", "inf", "negative"])
@@ -580,7 +584,9 @@ def test_8_layer_lists_hold_ints(field):
 def test_8_a_float_token_count_is_refused_saying_to_pass_an_int():
     with pytest.raises(ValueError, match=r"token_budget=64\.0 .*for a token count pass an int"):
         ds.SparsityConfig(token_budget=64.0, label_bits=16, sink_tokens=0, recent_tokens=0)
-    assert ds.SparsityConfig(token_budget=1.0, label_bits=16, sink_tokens=0, recent_tokens=0).budget_for(10) == 10  # a float is a fraction: 1.0 is all
+    assert (
+        ds.SparsityConfig(token_budget=1.0, label_bits=16, sink_tokens=0, recent_tokens=0).budget_for(10) == 10
+    )  # a float is a fraction: 1.0 is all
 
 
 def test_8_numpy_ints_are_ints():

@@ -13,7 +13,9 @@ from doublesparse.channels import borda_reduce
 AUTHORS_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "interop" / "authors-Llama-3.1-8B.json"
 
 
-def random_mask(layout: HeadLayout, per_kv_head: bool = False, seed: int = 0, with_statistics: bool = True) -> ChannelMask:
+def random_mask(
+    layout: HeadLayout, per_kv_head: bool = False, seed: int = 0, with_statistics: bool = True
+) -> ChannelMask:
     generator = torch.Generator().manual_seed(seed)
     heads = layout.num_kv_heads if per_kv_head else layout.num_heads
     stats = {k: torch.rand(layout.num_layers, heads, layout.head_dim, generator=generator) for k in ("q", "k", "qk")}
@@ -53,7 +55,9 @@ def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
 def test_authors_file_loads_and_validates_against_llama_3_1_8b_shape():
     if not AUTHORS_FILE.exists():
         pytest.skip("../shared/interop is not beside this checkout")
-    config = LlamaConfig(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336)
+    config = LlamaConfig(
+        num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336
+    )
     layout = HeadLayout.from_config(config)
     qk = ChannelMask.load(AUTHORS_FILE, layout=layout)
     assert qk.kind == "qk" and qk.ranking.shape == (32, 32, 128) and not qk.per_kv_head
@@ -123,12 +127,14 @@ def test_mask_for_another_model_is_rejected(other, message):
 
 
 def _saved_with_statistics(tmp_path):
-    from tiny_models import tiny_model
-
     from doublesparse.calibration import calibrate_blocks
 
+    from tiny_models import tiny_model
+
     model = tiny_model("llama")
-    mask = calibrate_blocks(model, torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0)), progress=False)
+    mask = calibrate_blocks(
+        model, torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0)), progress=False
+    )
     path = tmp_path / "mask.safetensors"
     mask.save(path)
     return mask, path

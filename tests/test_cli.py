@@ -9,7 +9,9 @@ from doublesparse.cli import SUBCOMMANDS, build_parser
 
 
 def test_help_lists_every_subcommand():
-    result = subprocess.run([sys.executable, "-m", "doublesparse.cli", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "doublesparse.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     for name in SUBCOMMANDS:
         assert name in result.stdout

@@ -47,12 +47,26 @@ def test_budget_semantics():
     assert SparsityConfig(token_budget=1 / 16, label_bits=16, sink_tokens=0, recent_tokens=0).budget_for(161) == 11
     assert SparsityConfig(token_budget=0.25, label_bits=16, sink_tokens=0, recent_tokens=0).budget_for(3) == 1
     assert SparsityConfig(token_budget=64, label_bits=16, sink_tokens=0, recent_tokens=0).budget_for(10) == 10
-    assert SparsityConfig(token_budget=64, min_seq_len=512, label_bits=16, sink_tokens=0, recent_tokens=0).budget_for(500) == 500
-    assert SparsityConfig(token_budget=64, min_seq_len=512, label_bits=16, sink_tokens=0, recent_tokens=0).budget_for(600) == 64
+    assert (
+        SparsityConfig(token_budget=64, min_seq_len=512, label_bits=16, sink_tokens=0, recent_tokens=0).budget_for(500)
+        == 500
+    )
+    assert (
+        SparsityConfig(token_budget=64, min_seq_len=512, label_bits=16, sink_tokens=0, recent_tokens=0).budget_for(600)
+        == 64
+    )
 
 
 def test_round_trip_through_dict():
-    config = SparsityConfig(num_channels=8, token_budget=0.125, label_bits=4, dense_layers=(0, 1), selection="head", sink_tokens=0, recent_tokens=0)
+    config = SparsityConfig(
+        num_channels=8,
+        token_budget=0.125,
+        label_bits=4,
+        dense_layers=(0, 1),
+        selection="head",
+        sink_tokens=0,
+        recent_tokens=0,
+    )
     assert SparsityConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown"):
         SparsityConfig.from_dict({"budget": 3})

@@ -42,8 +42,13 @@ def accuracy(model_and_tokenizer, task: str, context_tokens: int, seed: int) -> 
 
 def test_bundle_is_small_and_complete() -> None:
     path = default_model_path()
-    model_files = ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                   "tokenizer_config.json"]
+    model_files = [
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     for name in model_files + ["calibration.txt", "heldout.txt", "MODEL_CARD.md"]:
         assert (path / name).is_file(), name
     model_bytes = sum(p.stat().st_size for p in path.iterdir() if p.name not in ("calibration.txt", "heldout.txt"))

@@ -5,6 +5,7 @@ import torch
 
 import doublesparse as ds
 from doublesparse.kernels.sparse_attention import masked_attention_reference, sparse_attention_reference
+
 from tiny_models import ARCHITECTURES, left_padded_batch, random_channel_mask, tiny_model
 
 TOLERANCE = 1e-5
@@ -30,7 +31,9 @@ def test_full_budget_equals_dense_with_left_padding(arch, selection, num_kv_head
     with torch.no_grad():
         dense_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         dense = generate(model, input_ids, attention_mask)
-        config = ds.SparsityConfig(num_channels=4, token_budget=64, label_bits=4, selection=selection, sink_tokens=0, recent_tokens=0)
+        config = ds.SparsityConfig(
+            num_channels=4, token_budget=64, label_bits=4, selection=selection, sink_tokens=0, recent_tokens=0
+        )
         with ds.patched(model, random_channel_mask(model), config):
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
             sparse = generate(model, input_ids, attention_mask)
@@ -47,7 +50,13 @@ def test_fractional_full_budget_in_simulate_mode_equals_dense():
     input_ids, attention_mask = left_padded_batch([16, 11], seed=2)
     with torch.no_grad():
         dense = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=1.0, simulate=True, label_bits=16, sink_tokens=0, recent_tokens=0)):
+        with ds.patched(
+            model,
+            random_channel_mask(model),
+            ds.SparsityConfig(
+                num_channels=4, token_budget=1.0, simulate=True, label_bits=16, sink_tokens=0, recent_tokens=0
+            ),
+        ):
             simulated = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     assert (simulated - dense)[attention_mask.bool()].abs().max() <= TOLERANCE
 
@@ -59,7 +68,9 @@ def test_sparse_kernels_selecting_every_token_equal_dense_attention():
     dense = torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
     everything = torch.arange(21).expand(2, 2, 1, 21)
     all_valid = torch.ones(2, 1, 1, 21, dtype=torch.bool)
-    assert torch.allclose(sparse_attention_reference(query, keys, values, everything, all_valid, 0.25), dense, atol=1e-6)
+    assert torch.allclose(
+        sparse_attention_reference(query, keys, values, everything, all_valid, 0.25), dense, atol=1e-6
+    )
     selected = torch.ones(2, 2, 1, 21, dtype=torch.bool)
     assert torch.allclose(masked_attention_reference(query, keys, values, selected, 0.25), dense, atol=1e-6)
 
@@ -70,7 +81,13 @@ def test_remove_restores_outputs_bit_for_bit():
     hooks_before = sum(len(m._forward_pre_hooks) for m in model.modules())
     with torch.no_grad():
         before = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        ds.apply(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=2, simulate=True, label_bits=16, sink_tokens=0, recent_tokens=0))
+        ds.apply(
+            model,
+            random_channel_mask(model),
+            ds.SparsityConfig(
+                num_channels=4, token_budget=2, simulate=True, label_bits=16, sink_tokens=0, recent_tokens=0
+            ),
+        )
         patched = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         ds.remove(model)
         after = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -86,7 +103,11 @@ def test_sliding_window_layers_stay_dense_with_a_note(caplog):
     with torch.no_grad():
         dense = generate(model, input_ids, attention_mask)
         with caplog.at_level("WARNING"):
-            with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=2, token_budget=2, label_bits=16, sink_tokens=0, recent_tokens=0)):
+            with ds.patched(
+                model,
+                random_channel_mask(model),
+                ds.SparsityConfig(num_channels=2, token_budget=2, label_bits=16, sink_tokens=0, recent_tokens=0),
+            ):
                 sparse = generate(model, input_ids, attention_mask)
     assert "sliding-window layers [0, 1] stay dense" in caplog.text
     assert torch.equal(sparse.sequences, dense.sequences)
@@ -100,9 +121,17 @@ def test_beam_search_with_full_budget_equals_dense_and_small_budget_runs():
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=5, num_beams=3, do_sample=False)
     with torch.no_grad():
         dense = model.generate(**kwargs)
-        with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=64, label_bits=16, sink_tokens=0, recent_tokens=0)):
+        with ds.patched(
+            model,
+            random_channel_mask(model),
+            ds.SparsityConfig(num_channels=4, token_budget=64, label_bits=16, sink_tokens=0, recent_tokens=0),
+        ):
             full = model.generate(**kwargs)
-        with ds.patched(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=3, label_bits=8, sink_tokens=0, recent_tokens=0)):
+        with ds.patched(
+            model,
+            random_channel_mask(model),
+            ds.SparsityConfig(num_channels=4, token_budget=3, label_bits=8, sink_tokens=0, recent_tokens=0),
+        ):
             small = model.generate(**kwargs)
     assert torch.equal(full, dense)
     assert small.shape == dense.shape

@@ -62,7 +62,11 @@ def test_disk_offloaded_layers_compute_on_their_execution_device(models):
     assert attention.q_proj.weight.device.type == "meta"  # resting on disk
     assert module_device(attention) == torch.device("cpu")
     mask = random_channel_mask(dispatched)
-    with ds.patched(dispatched, mask, ds.SparsityConfig(num_channels=4, backend="torch", label_bits=16, sink_tokens=0, recent_tokens=0)):
+    with ds.patched(
+        dispatched,
+        mask,
+        ds.SparsityConfig(num_channels=4, backend="torch", label_bits=16, sink_tokens=0, recent_tokens=0),
+    ):
         plans = ds.patch.patch_state(dispatched).plans
         assert {plan.backend_device for plan in plans.values()} == {"cpu"}
 
@@ -99,7 +103,11 @@ def test_scratch_keeps_one_buffer_per_device():
 
 def test_offload_copy_buffers_are_per_device():
     model = tiny_model("llama")
-    ds.apply(model, random_channel_mask(model), ds.SparsityConfig(offload=True, label_bits=16, sink_tokens=0, recent_tokens=0))
+    ds.apply(
+        model,
+        random_channel_mask(model),
+        ds.SparsityConfig(offload=True, label_bits=16, sink_tokens=0, recent_tokens=0),
+    )
     cache = ds.make_cache(model)
     assert isinstance(cache, OffloadCache)
     cpu, other = torch.device("cpu"), torch.device("meta")

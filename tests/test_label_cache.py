@@ -11,6 +11,7 @@ from doublesparse.kernels.label_append import (
     make_labels_reference,
     quantize_labels,
 )
+
 from tiny_models import left_padded_batch, random_channel_mask, tiny_model
 
 
@@ -63,7 +64,11 @@ def _labels_match_keys(cache, bits):
 
 def test_crop_reorder_and_batch_selection_keep_labels_in_step():
     model = tiny_model("llama")
-    ds.apply(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=4, label_bits=4, sink_tokens=0, recent_tokens=0))
+    ds.apply(
+        model,
+        random_channel_mask(model),
+        ds.SparsityConfig(num_channels=4, token_budget=4, label_bits=4, sink_tokens=0, recent_tokens=0),
+    )
     cache = ds.make_cache(model)
     input_ids, attention_mask = left_padded_batch([9, 12, 12])
     with torch.no_grad():

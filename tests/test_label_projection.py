@@ -129,7 +129,11 @@ def test_projection_labels_are_refused_where_they_do_not_apply(calibrated):
         ds.SparsityConfig(labels="lowrank", label_bits=16, sink_tokens=0, recent_tokens=0)
     without = ChannelMask(mask.ranking, mask.kind, mask.layout, mask.per_kv_head, mask.statistics)
     with pytest.raises(ValueError, match="holds no label projections"):
-        ds.apply(model, without, ds.SparsityConfig(num_channels=8, labels="projection", label_bits=16, sink_tokens=0, recent_tokens=0))
+        ds.apply(
+            model,
+            without,
+            ds.SparsityConfig(num_channels=8, labels="projection", label_bits=16, sink_tokens=0, recent_tokens=0),
+        )
     assert not ds.is_patched(model)
     with pytest.raises(ValueError, match="ranks 1..16"):
         mask.projection_tables(17)

@@ -151,7 +151,10 @@ def test_sparsity_config_is_valid_or_refused(values):
     st.dictionaries(st.sampled_from(FIELDS), ANYTHING, max_size=3),
 )
 def test_sparsity_config_from_dict_and_replace_are_valid_or_refused(data, changes):
-    for build in (lambda: SparsityConfig.from_dict(data), lambda: SparsityConfig(num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0).replace(**changes)):
+    for build in (
+        lambda: SparsityConfig.from_dict(data),
+        lambda: SparsityConfig(num_channels=4, label_bits=16, sink_tokens=0, recent_tokens=0).replace(**changes),
+    ):
         try:
             config = build()
         except ValueError:

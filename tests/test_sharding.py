@@ -49,7 +49,11 @@ def test_plans_keep_the_rows_of_the_ranks_heads(selection, per_kv_head):
 def test_an_attention_call_with_other_head_counts_is_refused():
     # What tensor parallelism does to an unpatched-for-it plan: the call carries half the heads.
     model = tiny_model("llama", num_heads=4, num_kv_heads=2)
-    ds.apply(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=4, label_bits=16, sink_tokens=0, recent_tokens=0))
+    ds.apply(
+        model,
+        random_channel_mask(model),
+        ds.SparsityConfig(num_channels=4, token_budget=4, label_bits=16, sink_tokens=0, recent_tokens=0),
+    )
     module = model.model.layers[0].self_attn
     query, key = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 9, 16)
     with pytest.raises(ValueError, match="2 query heads and 1 KV heads, but the plan was made for 4 and 2"):

@@ -7,8 +7,9 @@ import torch
 
 import doublesparse as ds
 from doublesparse.attention import PLAN_ATTRIBUTE, double_sparse_attention
-from doublesparse.plan import LayerPlan
 from doublesparse.kernels.selection import select_tokens_reference
+from doublesparse.plan import LayerPlan
+
 from tiny_models import left_padded_batch, random_channel_mask, tiny_model
 
 
@@ -41,7 +42,7 @@ def straightforward_decode(q, k, v, valid, channels, config, scaling):
         sinks = min(config.sink_tokens, budget - recent)
         forced = set(positions[n - recent :]) | set(positions[:sinks])
 
-        def score(h, t):
+        def score(h, t, b=b):
             label_head = h // (num_q // num_label_heads)
             kv = label_head // (num_label_heads // num_kv)
             label = quantized(k[b, kv, t][channels[label_head]][None], config.label_bits)[0]
@@ -68,7 +69,9 @@ def straightforward_decode(q, k, v, valid, channels, config, scaling):
 @pytest.mark.parametrize("label_bits", [16, 4])
 @pytest.mark.parametrize("budget", [7, 0.3])
 @pytest.mark.parametrize("num_kv", [2, 4])
-def test_decode_step_matches_straightforward_implementation(selection, sink_tokens, recent_tokens, label_bits, budget, num_kv):
+def test_decode_step_matches_straightforward_implementation(
+    selection, sink_tokens, recent_tokens, label_bits, budget, num_kv
+):
     torch.manual_seed(0)
     batch, num_q, length, head_dim, r = 2, 4, 23, 16, 4
     q = torch.randn(batch, num_q, 1, head_dim)
@@ -79,8 +82,13 @@ def test_decode_step_matches_straightforward_implementation(selection, sink_toke
     label_heads = num_kv if selection == "group" else num_q
     channels = torch.stack([torch.randperm(head_dim)[:r].sort().values for _ in range(label_heads)])
     config = ds.SparsityConfig(
-        num_channels=r, token_budget=budget, label_bits=label_bits, sink_tokens=sink_tokens,
-        recent_tokens=recent_tokens, selection=selection, backend="torch",
+        num_channels=r,
+        token_budget=budget,
+        label_bits=label_bits,
+        sink_tokens=sink_tokens,
+        recent_tokens=recent_tokens,
+        selection=selection,
+        backend="torch",
     )
     module = torch.nn.Module().eval()
     setattr(module, PLAN_ATTRIBUTE, LayerPlan(0, config, channels, num_kv if selection == "group" else num_q))
@@ -114,7 +122,9 @@ def test_padding_is_never_selected_and_the_current_token_always_is():
 @pytest.mark.parametrize("selection", ["group", "head"])
 def test_simulate_rows_equal_token_by_token_decoding(selection):
     model = tiny_model("llama", num_layers=2)
-    config = ds.SparsityConfig(num_channels=4, token_budget=5, label_bits=8, sink_tokens=1, recent_tokens=1, selection=selection)
+    config = ds.SparsityConfig(
+        num_channels=4, token_budget=5, label_bits=8, sink_tokens=1, recent_tokens=1, selection=selection
+    )
     input_ids, attention_mask = left_padded_batch([18, 13], seed=3)
     with torch.no_grad(), ds.patched(model, random_channel_mask(model, seed=4), config):
         teacher_forced = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

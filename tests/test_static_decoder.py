@@ -5,6 +5,7 @@ import torch
 
 import doublesparse as ds
 from doublesparse.decode import StaticDecoder
+
 from tiny_models import left_padded_batch, random_channel_mask, tiny_model
 
 STEPS = 6
@@ -12,8 +13,13 @@ STEPS = 6
 
 def eager_generate(model, input_ids, attention_mask):
     out = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=STEPS, min_new_tokens=STEPS,
-        do_sample=False, output_logits=True, return_dict_in_generate=True,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=STEPS,
+        min_new_tokens=STEPS,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     return out.sequences[:, input_ids.shape[1] :], torch.stack(out.logits, dim=1)
 
@@ -37,7 +43,11 @@ def test_static_decoder_matches_eager_generate(patched):
 def test_compiled_static_decoder_matches_eager(compile_backend):
     model = tiny_model("qwen3", num_layers=1)
     input_ids, attention_mask = left_padded_batch([9, 6], seed=10)
-    ds.apply(model, random_channel_mask(model), ds.SparsityConfig(num_channels=4, token_budget=3, label_bits=8, sink_tokens=0, recent_tokens=1))
+    ds.apply(
+        model,
+        random_channel_mask(model),
+        ds.SparsityConfig(num_channels=4, token_budget=3, label_bits=8, sink_tokens=0, recent_tokens=1),
+    )
     eager = StaticDecoder(model, max_cache_len=16).generate(input_ids, attention_mask, 4, keep_logits=True)
     decoder = StaticDecoder(model, max_cache_len=16, compile=True, compile_backend=compile_backend)
     compiled = decoder.generate(input_ids, attention_mask, 4, keep_logits=True)

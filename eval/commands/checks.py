@@ -47,7 +47,16 @@ SPARSE_OPTIONS = ("sink_tokens", "recent_tokens", "selection")
 # constructor takes (`tasks.make_task`).
 TASK_OPTIONS = {
     name: name
-    for name in ("num_samples", "context_length", "num_lines", "text", "window", "num_windows", "num_needles", "protocol")
+    for name in (
+        "num_samples",
+        "context_length",
+        "num_lines",
+        "text",
+        "window",
+        "num_windows",
+        "num_needles",
+        "protocol",
+    )
 }
 TASK_OPTIONS["continuation_tokens"] = "continuation"
 

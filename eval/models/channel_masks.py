@@ -39,7 +39,11 @@ def load_channel_mask(path: str, layout: HeadLayout) -> ChannelMask:
 
 
 def calibrate_channels(
-    model: torch.nn.Module, tokenizer: Any, num_samples: int = 32, seq_len: int = 512, seed: int = 0,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    num_samples: int = 32,
+    seq_len: int = 512,
+    seed: int = 0,
     progress: bool = True,
 ) -> tuple[ChannelMask, dict[str, Any]]:
     """Calibrate on the bundled calibration text (disjoint from the held-out text): (mask, description)."""
@@ -47,15 +51,34 @@ def calibrate_channels(
     from doublesparse.default_model import default_calibration_text
 
     text = default_calibration_text()
-    mask = calibrate(model, tokenizer, [text], kind="qk", num_samples=num_samples, seq_len=seq_len, seed=seed,
-                     progress=progress, source=CALIBRATION_TEXT)
-    description = {"source": "calibrated now", "text": CALIBRATION_TEXT, "num_samples": num_samples,
-                   "seq_len": seq_len, "seed": seed, "kind": "qk"}
+    mask = calibrate(
+        model,
+        tokenizer,
+        [text],
+        kind="qk",
+        num_samples=num_samples,
+        seq_len=seq_len,
+        seed=seed,
+        progress=progress,
+        source=CALIBRATION_TEXT,
+    )
+    description = {
+        "source": "calibrated now",
+        "text": CALIBRATION_TEXT,
+        "num_samples": num_samples,
+        "seq_len": seq_len,
+        "seed": seed,
+        "kind": "qk",
+    }
     return mask, description
 
 
 def obtain_channel_mask(
-    channels: Optional[str], source: ModelSource, model: torch.nn.Module, tokenizer: Any, seed: int = 0,
+    channels: Optional[str],
+    source: ModelSource,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    seed: int = 0,
     progress: bool = True,
 ) -> tuple[Optional[ChannelMask], dict[str, Any]]:
     """(mask, description) for a checked channel source: a mask file, `calibrate`, or None (no mask needed)."""

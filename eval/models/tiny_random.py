@@ -39,9 +39,17 @@ def tiny_config(vocab_size: int = 512, num_layers: int = 2, hidden_size: int = 1
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=hidden_size // head_dim, num_key_value_heads=max(1, hidden_size // head_dim // 2),
-        head_dim=head_dim, max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // head_dim,
+        num_key_value_heads=max(1, hidden_size // head_dim // 2),
+        head_dim=head_dim,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
         pad_token_id=1,
     )
     config._name_or_path = TINY_MODEL_NAME

@@ -147,6 +147,7 @@ class PasskeyTask(RetrievalTask):
         # Its prompts are sized in tokens only: kv_retrieval's num_lines is not an option of this task.
         super().__init__(num_samples, context_length)
 
+
 class NeedleTask(RetrievalTask):
     """Needles in real prose: `num_needles` people's magic numbers in held-out Python help text, one asked.
 

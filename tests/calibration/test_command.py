@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from doublesparse.calibration import command, inspect_command
-from doublesparse.calibration.data import calibration_blocks, default_data_path, pack_blocks, read_documents, sample_blocks
+from doublesparse.calibration.data import (
+    calibration_blocks,
+    default_data_path,
+    pack_blocks,
+    read_documents,
+    sample_blocks,
+)
 from doublesparse.channels import ChannelMask
+
 from tiny_models import tiny_model
 from tiny_tokenizer import sample_texts, tiny_tokenizer
 
@@ -44,7 +51,9 @@ def test_text_folder_and_jsonl_sources(tmp_path):
     assert read_documents(tmp_path / "docs" / "1.txt") == [texts[1]]
 
     jsonl = tmp_path / "data.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(texts)) + "\n\n", encoding="utf-8")
+    jsonl.write_text(
+        "\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(texts)) + "\n\n", encoding="utf-8"
+    )
     assert read_documents(jsonl, field="body") == texts
     with pytest.raises(ValueError, match="--field"):
         read_documents(jsonl)
@@ -100,7 +109,18 @@ def test_long_document_tokenized_in_pieces_like_whole(monkeypatch):
 
 def test_calibrate_command_writes_mask_json_and_summary(saved_model, corpus, tmp_path, capsys):
     out = tmp_path / "out" / "channels.safetensors"
-    argv = ["--model", str(saved_model), "--data", str(corpus), "--samples", "4", "--seq-len", "32", "--batch-size", "3"]
+    argv = [
+        "--model",
+        str(saved_model),
+        "--data",
+        str(corpus),
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "3",
+    ]
     argv += ["--device", "cpu", "--out", str(out), "--format", "json", "--no-progress", "--keep-rope-pairs"]
     assert command.run(parse(command, argv)) == 0
     printed = capsys.readouterr().out
@@ -125,7 +145,12 @@ def test_inspect_command_tables_and_plot(saved_model, corpus, tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     layer_plot = tmp_path / "layer1.png"
-    assert inspect_command.run(parse(inspect_command, [str(out), "--per-kv", "--kind", "k", "--layer", "1", "--plot", str(layer_plot)])) == 0
+    assert (
+        inspect_command.run(
+            parse(inspect_command, [str(out), "--per-kv", "--kind", "k", "--layer", "1", "--plot", str(layer_plot)])
+        )
+        == 0
+    )
     assert layer_plot.is_file()
 
     assert inspect_command.run(parse(inspect_command, [str(out.with_suffix(".json")), "--r", "4"])) == 0
@@ -143,7 +168,11 @@ def test_calibrate_command_checks_before_loading(saved_model, corpus, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         command.run(parse(command, base + ["--data", str(tmp_path / "nope.txt")]))
     with pytest.raises(ValueError, match="fewer than one block"):
-        command.run(parse(command, base + ["--data", str(corpus), "--seq-len", "100000", "--out", str(tmp_path / "c.safetensors")]))
+        command.run(
+            parse(
+                command, base + ["--data", str(corpus), "--seq-len", "100000", "--out", str(tmp_path / "c.safetensors")]
+            )
+        )
     assert not (tmp_path / "c.safetensors").exists()
     if default_data_path() is None:
         with pytest.raises(ValueError, match="--data"):

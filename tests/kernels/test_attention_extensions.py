@@ -3,10 +3,10 @@ eager attentions matched, bad input refused, and the native CPU backend handing 
 
 from types import SimpleNamespace
 
+import frozen_attention as before
 import pytest
 import torch
 
-import frozen_attention as before
 from doublesparse.kernels import dispatch, native
 from doublesparse.kernels.dense_attention import dense_attention_reference, dense_attention_triton
 from doublesparse.kernels.host_gather import host_gather_reference, host_gather_triton
@@ -19,8 +19,8 @@ from doublesparse.kernels.sparse_attention import (
     sparse_attention_reference,
     sparse_attention_triton,
 )
-from kernel_cases import DEVICE, DTYPES, randn
-from kernel_cases import CASES, random_problem
+
+from kernel_cases import CASES, DEVICE, DTYPES, randn, random_problem
 
 # ---------------------------------------------------------------------------------------------
 # Called without the new arguments, every op returns exactly what it returned before them.

@@ -10,6 +10,7 @@ from doublesparse.kernels.label_append import make_labels_reference
 from doublesparse.kernels.label_scores import label_scores_cpu, label_scores_reference
 from doublesparse.kernels.selection import select_tokens_cpu, select_tokens_reference
 from doublesparse.kernels.sparse_attention import sparse_attention_cpu, sparse_attention_reference
+
 from kernel_cases import assert_close, output_tolerance
 from tiny_models import left_padded_batch, random_channel_mask, tiny_model
 
@@ -134,8 +135,12 @@ def test_native_decode_equals_torch_decode(label_bits):
     results = {}
     for backend in ("torch", "cpu"):
         model = tiny_model("llama")
-        config = ds.SparsityConfig(num_channels=4, token_budget=0.25, label_bits=label_bits, sink_tokens=1, recent_tokens=2, backend=backend)
+        config = ds.SparsityConfig(
+            num_channels=4, token_budget=0.25, label_bits=label_bits, sink_tokens=1, recent_tokens=2, backend=backend
+        )
         ds.apply(model, random_channel_mask(model), config)
-        results[backend] = StaticDecoder(model, max_cache_len=56).generate(input_ids, attention_mask, 8, keep_logits=True)
+        results[backend] = StaticDecoder(model, max_cache_len=56).generate(
+            input_ids, attention_mask, 8, keep_logits=True
+        )
     assert torch.equal(results["cpu"].tokens, results["torch"].tokens)
     assert (results["cpu"].logits - results["torch"].logits).abs().max() <= 1e-4

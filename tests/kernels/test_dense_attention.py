@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from doublesparse.kernels.dense_attention import dense_attention_reference, dense_attention_triton
+
 from kernel_cases import (
     DEVICE,
     DTYPES,
@@ -52,7 +53,9 @@ def test_dense_reference_matches_sdpa():
     query = randn(2, 8, 1, 64, dtype=torch.float32, generator=generator)
     keys = randn(2, 2, 50, 64, dtype=torch.float32, generator=generator)
     values = randn(2, 2, 50, 64, dtype=torch.float32, generator=generator)
-    expected = F.scaled_dot_product_attention(query, keys.repeat_interleave(4, 1), values.repeat_interleave(4, 1), scale=0.1)
+    expected = F.scaled_dot_product_attention(
+        query, keys.repeat_interleave(4, 1), values.repeat_interleave(4, 1), scale=0.1
+    )
     torch.testing.assert_close(dense_attention_reference(query, keys, values, 0.1), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -70,9 +73,9 @@ def test_dense_attention_at_model_shape_on_gpu(dtype):
 # Sinks (gpt-oss), softcapping (Gemma2) and values narrower than keys (MLA), against kernel_cases' oracle.
 EXTENDED_CASES = [
     # batch, query heads, kv heads, rows, key dim, value dim, tokens, splits
-    (2, 2, 2, 1, 48, 32, 40, 3),   # MHA
-    (2, 4, 2, 1, 64, 64, 70, 2),   # GQA group 2
-    (1, 8, 2, 2, 24, 16, 33, 4),   # GQA group 4, two query rows
+    (2, 2, 2, 1, 48, 32, 40, 3),  # MHA
+    (2, 4, 2, 1, 64, 64, 70, 2),  # GQA group 2
+    (1, 8, 2, 2, 24, 16, 33, 4),  # GQA group 4, two query rows
 ]
 
 

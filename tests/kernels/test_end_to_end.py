@@ -4,14 +4,20 @@ import pytest
 import torch
 
 import doublesparse as ds
+
 from kernel_cases import DEVICE
 from tiny_models import left_padded_batch, random_channel_mask, tiny_model
 
 
 def greedy(model, input_ids, attention_mask, steps):
     return model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=steps, min_new_tokens=steps,
-        do_sample=False, output_logits=True, return_dict_in_generate=True,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
 
 
@@ -27,8 +33,13 @@ def test_triton_backend_decodes_like_torch_backend(selection, label_bits, per_kv
     runs = {}
     for backend in ("torch", "triton"):
         config = ds.SparsityConfig(
-            num_channels=4, token_budget=0.3, label_bits=label_bits, sink_tokens=1, recent_tokens=2,
-            selection=selection, backend=backend,
+            num_channels=4,
+            token_budget=0.3,
+            label_bits=label_bits,
+            sink_tokens=1,
+            recent_tokens=2,
+            selection=selection,
+            backend=backend,
         )
         with torch.no_grad(), ds.patched(model, mask, config):
             runs[backend] = greedy(model, input_ids, attention_mask, steps=steps)

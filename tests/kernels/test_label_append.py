@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from doublesparse.kernels.label_append import Labels, make_labels_reference, make_labels_triton
-from kernel_cases import DEVICE, DTYPES, random_channels, randn
+
+from kernel_cases import DEVICE, DTYPES, randn, random_channels
 
 CASES = [
     # batch, kv heads, label heads, tokens, head_dim, channels
@@ -24,7 +25,10 @@ def test_label_append_matches_reference(case, dtype, bits):
     channels = random_channels(label_heads, head_dim, num_channels, generator)
     expected = make_labels_reference(keys, channels, bits)
     # Poison: every element starts different from its expected value, so one left unwritten fails.
-    poison = lambda t: None if t is None else (~t if t.dtype == torch.uint8 else torch.full_like(t, float("nan")))
+
+    def poison(t):
+        return None if t is None else (~t if t.dtype == torch.uint8 else torch.full_like(t, float("nan")))
+
     actual = make_labels_triton(keys, channels, bits, out=Labels(*(poison(t) for t in expected)))
     for got, want in zip(actual, expected):
         assert (got is None) == (want is None)

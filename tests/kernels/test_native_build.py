@@ -458,7 +458,9 @@ def test_a_compiled_cpu_decode_step_has_no_graph_break_and_matches_eager(compile
 
     model = tiny_model("llama", num_layers=1)
     input_ids, attention_mask = left_padded_batch([9, 6], seed=10)
-    config = ds.SparsityConfig(num_channels=4, token_budget=3, label_bits=4, recent_tokens=1, backend="cpu", sink_tokens=0)
+    config = ds.SparsityConfig(
+        num_channels=4, token_budget=3, label_bits=4, recent_tokens=1, backend="cpu", sink_tokens=0
+    )
     ds.apply(model, random_channel_mask(model), config)
     eager = StaticDecoder(model, max_cache_len=16).generate(input_ids, attention_mask, 5, keep_logits=True)
     counter = CompileCounterWithBackend(compile_backend)

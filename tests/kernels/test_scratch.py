@@ -19,7 +19,9 @@ def test_decode_ops_with_scratch_equal_them_without(bits, num_kv_heads, num_sele
     query = torch.randn(batch, num_q_heads, 1, head_dim, generator=generator)
     channels = torch.stack([torch.randperm(head_dim, generator=generator)[:8] for _ in range(num_kv_heads)])
     labels = make_labels_reference(keys, channels, bits)
-    q_labels = torch.gather(query, 3, channels.repeat_interleave(num_q_heads // num_kv_heads, 0)[None, :, None].expand(batch, -1, 1, -1))
+    q_labels = torch.gather(
+        query, 3, channels.repeat_interleave(num_q_heads // num_kv_heads, 0)[None, :, None].expand(batch, -1, 1, -1)
+    )
     valid = torch.ones(batch, 1, length, dtype=torch.bool)
     valid[1, :, :20] = False  # left padding
     budgets = torch.tensor([[budget], [budget - 4]])
@@ -37,7 +39,9 @@ def test_decode_ops_with_scratch_equal_them_without(bits, num_kv_heads, num_sele
     second = step(scratch)
     for want, got, again in zip(expected, first, second):
         assert torch.equal(want, got) and torch.equal(want, again)
-    assert pointers == {name: buffer.data_ptr() for name, buffer in scratch._buffers.items()}, "buffers were reallocated"
+    assert pointers == {name: buffer.data_ptr() for name, buffer in scratch._buffers.items()}, (
+        "buffers were reallocated"
+    )
     assert scratch.nbytes() > 0
 
 

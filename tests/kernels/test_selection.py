@@ -5,6 +5,7 @@ import torch
 
 from doublesparse.kernels.dispatch import select_tokens
 from doublesparse.kernels.selection import select_tokens_reference
+
 from kernel_cases import DEVICE
 
 

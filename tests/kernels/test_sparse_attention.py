@@ -9,6 +9,7 @@ from doublesparse.kernels.sparse_attention import (
     sparse_attention_reference,
     sparse_attention_triton,
 )
+
 from kernel_cases import (
     CASES,
     DEVICE,
@@ -66,11 +67,11 @@ def test_sparse_attention_at_model_shape_on_gpu(dtype, head_dim, select_heads):
 # oracle written in kernel_cases.py, not against the reference under test.
 EXTENDED_CASES = [
     # batch, query heads, kv heads, selection heads, rows, key dim, value dim, tokens, budget, splits
-    (2, 2, 2, 2, 1, 48, 32, 40, 17, 3),   # MHA, DeepSeek-V3-tiny widths (48 = 32 no-RoPE + 16 RoPE)
-    (2, 4, 2, 2, 1, 64, 64, 50, 20, 2),   # GQA group 2, equal widths
-    (1, 8, 2, 2, 2, 24, 16, 30, 11, 4),   # GQA group 4, two query rows, dims below one 16-lane block
-    (1, 4, 2, 4, 1, 48, 32, 33, 9, 2),    # selection per query head
-    (2, 4, 2, 4, 1, 24, 16, 20, 20, 2),   # budget = every token, per query head
+    (2, 2, 2, 2, 1, 48, 32, 40, 17, 3),  # MHA, DeepSeek-V3-tiny widths (48 = 32 no-RoPE + 16 RoPE)
+    (2, 4, 2, 2, 1, 64, 64, 50, 20, 2),  # GQA group 2, equal widths
+    (1, 8, 2, 2, 2, 24, 16, 30, 11, 4),  # GQA group 4, two query rows, dims below one 16-lane block
+    (1, 4, 2, 4, 1, 48, 32, 33, 9, 2),  # selection per query head
+    (2, 4, 2, 4, 1, 24, 16, 20, 20, 2),  # budget = every token, per query head
 ]
 # Selection heads spanning several KV heads: only the reference's plain per-query-head form serves them.
 ACROSS_KV_CASE = (1, 4, 4, 2, 1, 24, 16, 20, 7, 1)

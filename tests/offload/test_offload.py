@@ -7,13 +7,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import doublesparse as ds
 from doublesparse import offload
+from doublesparse.kernels.host_gather import host_gather_reference, host_gather_triton
 from doublesparse.offload import attention as offload_step
 from doublesparse.offload import host_memory
-from doublesparse.kernels.host_gather import host_gather_reference, host_gather_triton
 from doublesparse.support import attention_modules
+
 from tiny_models import ARCHITECTURES, left_padded_batch, random_channel_mask, tiny_model
-
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,8 +27,14 @@ def generate(model, config, lengths=(40, 29), steps=10, cache=None, **options):
         if cache == "make":
             options["past_key_values"] = ds.make_cache(model)
         out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=steps, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=0, **options,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            **options,
         )
     return out.sequences, torch.stack(out.logits), out.past_key_values
 
@@ -107,7 +112,9 @@ def test_prediction_keeps_outputs_finite_current_token_attended_and_reports_reca
 
 def test_automatic_sync_layers_follow_measured_recall():
     model = tiny_model("llama", num_layers=3)
-    _, _, cache = generate(model, BASE.replace(offload=True, prefetch=True, prefetch_warmup_steps=2, prefetch_min_recall=1.0), steps=5)
+    _, _, cache = generate(
+        model, BASE.replace(offload=True, prefetch=True, prefetch_warmup_steps=2, prefetch_min_recall=1.0), steps=5
+    )
     report = cache.prefetch_report()
     below = [int(i) for i, recall in report["recall"].items() if recall < 1.0]
     assert report["sync_layers"] == sorted({0, *below})
@@ -130,7 +137,8 @@ def test_query_predictor_reproduces_the_layer_query(arch):
     predictors = offload.query_predictors(model, modules)
     hooks = [
         layer.register_forward_pre_hook(
-            lambda m, a, k, i=i: inputs.__setitem__(i, (a[0] if a else k["hidden_states"], k["position_embeddings"])), with_kwargs=True
+            lambda m, a, k, i=i: inputs.__setitem__(i, (a[0] if a else k["hidden_states"], k["position_embeddings"])),
+            with_kwargs=True,
         )
         for i, (layer, _) in predictors.items()
     ]
@@ -157,7 +165,14 @@ def test_device_memory_grows_only_by_labels():
     # The stores start at 256 tokens and double: decoding from 250 to 262 tokens crosses a growth.
     input_ids, attention_mask = left_padded_batch([250, 243], seed=2)
     reports = []
-    with torch.no_grad(), ds.patched(model, random_channel_mask(model, seed=1), BASE.replace(offload=True, prefetch=True, prefetch_warmup_steps=1)):
+    with (
+        torch.no_grad(),
+        ds.patched(
+            model,
+            random_channel_mask(model, seed=1),
+            BASE.replace(offload=True, prefetch=True, prefetch_warmup_steps=1),
+        ),
+    ):
         cache = ds.make_cache(model)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache).logits
         for step in range(12):
@@ -197,7 +212,9 @@ def test_a_context_host_memory_cannot_hold_fails_before_decoding():
         assert all(layer.host_keys.data is None for layer in cache.offload_layers())
         # Without a configured limit the RAM available now is the limit.
         with pytest.raises(ValueError, match=r"needs [\d.,]+ [KMGT]iB"):
-            unlimited = offload.OffloadCache(model.config, {0: torch.arange(4)[None].repeat(2, 1)}, BASE.replace(offload=True), max_cache_len=1 << 40)
+            unlimited = offload.OffloadCache(
+                model.config, {0: torch.arange(4)[None].repeat(2, 1)}, BASE.replace(offload=True), max_cache_len=1 << 40
+            )
             model(input_ids=input_ids, past_key_values=unlimited)
         # A cache that fits decodes.
         small = ds.make_cache(model, max_cache_len=64)
@@ -220,11 +237,19 @@ def test_pinned_stores_are_budgeted_as_the_pinned_allocator_rounds_them(monkeypa
 
 
 def test_offload_config_is_validated():
-    for bad in (dict(prefetch=True), dict(offload=True, simulate=True), dict(offload=True, sync_layers=(-1,)),
-                dict(prefetch_min_recall=1.5), dict(prefetch_warmup_steps=-1), dict(host_memory_limit=0)):
+    for bad in (
+        dict(prefetch=True),
+        dict(offload=True, simulate=True),
+        dict(offload=True, sync_layers=(-1,)),
+        dict(prefetch_min_recall=1.5),
+        dict(prefetch_warmup_steps=-1),
+        dict(host_memory_limit=0),
+    ):
         with pytest.raises(ValueError):
             ds.SparsityConfig(**bad)
-    config = ds.SparsityConfig(offload=True, prefetch=True, sync_layers=[2, 0], label_bits=16, sink_tokens=0, recent_tokens=0)
+    config = ds.SparsityConfig(
+        offload=True, prefetch=True, sync_layers=[2, 0], label_bits=16, sink_tokens=0, recent_tokens=0
+    )
     assert config.sync_layers == (0, 2)
     assert ds.SparsityConfig.from_dict(config.to_dict()) == config
     model = tiny_model("llama", num_layers=2)

@@ -11,11 +11,46 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_default_model.py"
 TINY_ARGS = [
-    "--steps", "4", "--num-layers", "2", "--hidden-size", "32", "--intermediate-size", "64", "--num-heads", "2",
-    "--num-kv-heads", "1", "--head-dim", "16", "--vocab-size", "384", "--context-lengths", "160,256",
-    "--stage-fractions", "0.5,0.5", "--batch-tokens", "512", "--warmup-steps", "2", "--eval-every", "2",
-    "--eval-samples", "2", "--eval-text-tokens", "256", "--final-eval-samples", "2",
-    "--final-eval-text-tokens", "256", "--tokenizer-chars", "60000", "--max-train-chars", "60000", "--device", "cpu",
+    "--steps",
+    "4",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--intermediate-size",
+    "64",
+    "--num-heads",
+    "2",
+    "--num-kv-heads",
+    "1",
+    "--head-dim",
+    "16",
+    "--vocab-size",
+    "384",
+    "--context-lengths",
+    "160,256",
+    "--stage-fractions",
+    "0.5,0.5",
+    "--batch-tokens",
+    "512",
+    "--warmup-steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--eval-samples",
+    "2",
+    "--eval-text-tokens",
+    "256",
+    "--final-eval-samples",
+    "2",
+    "--final-eval-text-tokens",
+    "256",
+    "--tokenizer-chars",
+    "60000",
+    "--max-train-chars",
+    "60000",
+    "--device",
+    "cpu",
 ]
 
 
@@ -31,8 +66,18 @@ def load_script():
 def test_tiny_training_run_writes_a_loadable_model(tmp_path: Path) -> None:
     out_dir = tmp_path / "model"
     load_script().main(["--out-dir", str(out_dir), *TINY_ARGS])
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "calibration.txt",
-                 "heldout.txt", "MODEL_CARD.md", "metrics.json", "loss_curve.json", "loss_curve.png"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "calibration.txt",
+        "heldout.txt",
+        "MODEL_CARD.md",
+        "metrics.json",
+        "loss_curve.json",
+        "loss_curve.png",
+    ):
         assert (out_dir / name).is_file(), name
     curve = json.loads((out_dir / "loss_curve.json").read_text())
     assert [entry["step"] for entry in curve["train"]] == [0, 1, 2, 3]
@@ -57,5 +102,7 @@ def test_stdlib_split_is_deterministic_and_disjoint() -> None:
     _, files = script.stdlib_sources()
     splits = {name: script.split_of(name) for name in files}
     assert splits == {name: script.split_of(name) for name in files}
-    counts = {split: sum(1 for value in splits.values() if value == split) for split in ("train", "calibration", "heldout")}
+    counts = {
+        split: sum(1 for value in splits.values() if value == split) for split in ("train", "calibration", "heldout")
+    }
     assert counts["train"] > 10 * counts["heldout"] > 0 and counts["calibration"] > 0

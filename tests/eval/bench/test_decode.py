@@ -80,7 +80,9 @@ def test_the_bytes_a_step_must_move_are_counted_from_the_shapes(tied):
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     layout = ds.HeadLayout.from_config(model.config)
-    config = ds.SparsityConfig(num_channels=8, token_budget=1 / 16, label_bits=4, dense_layers=(1,), sink_tokens=0, recent_tokens=0)
+    config = ds.SparsityConfig(
+        num_channels=8, token_budget=1 / 16, label_bits=4, dense_layers=(1,), sink_tokens=0, recent_tokens=0
+    )
     plans = layer_plans(random_channel_mask(layout, 0), config, layout)
     hidden, vocab, layers = 128, 512, 2  # the tiny preset: 4 query, 2 KV heads of 32, intermediate 256
     per_layer = 4 * hidden * 32 * 2 + 2 * hidden * 32 * 2 + 3 * hidden * 256 + 2 * hidden  # q, o; k, v; mlp; norms

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from doublesparse.eval.bench.full_offload import FullOffloadCache, make_full_offload_cache
+
 from tiny_models import left_padded_batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -14,8 +15,14 @@ def _generate(model, cache, steps=10):
     input_ids, attention_mask = left_padded_batch([40, 29], seed=2)
     with torch.no_grad():
         out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=steps, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=0, past_key_values=cache,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            past_key_values=cache,
         )
     return out.sequences, torch.stack(out.logits)
 
@@ -59,8 +66,16 @@ def test_full_offload_cache_follows_a_chunked_prefill_and_beam_search():
     beams = []
     for cache in (DynamicCache(config=model.config), FullOffloadCache(model.config)):
         with torch.no_grad():
-            beams.append(model.generate(input_ids=input_ids, max_new_tokens=5, num_beams=3, do_sample=False,
-                                        pad_token_id=0, past_key_values=cache))
+            beams.append(
+                model.generate(
+                    input_ids=input_ids,
+                    max_new_tokens=5,
+                    num_beams=3,
+                    do_sample=False,
+                    pad_token_id=0,
+                    past_key_values=cache,
+                )
+            )
     assert torch.equal(*beams)
 
 

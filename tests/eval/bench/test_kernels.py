@@ -9,9 +9,29 @@ from doublesparse.eval.bench.common import parse_contexts
 from doublesparse.eval.bench.kernels import bytes_moved
 from doublesparse.eval.harness.budgets import parse_budgets
 
-TINY = ["--contexts", "200,1K", "--budgets", "1/4,1/32", "--label-bits", "16,4", "--query-heads", "4",
-        "--kv-heads", "2", "--head-dim", "64", "--channels", "8", "--repeats", "2", "--warmup", "1", "--no-progress",
-        "--device", "cpu"]
+TINY = [
+    "--contexts",
+    "200,1K",
+    "--budgets",
+    "1/4,1/32",
+    "--label-bits",
+    "16,4",
+    "--query-heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--head-dim",
+    "64",
+    "--channels",
+    "8",
+    "--repeats",
+    "2",
+    "--warmup",
+    "1",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def test_bench_kernels_writes_table_json_and_plot(tmp_path, capsys):
@@ -26,8 +46,24 @@ def test_bench_kernels_writes_table_json_and_plot(tmp_path, capsys):
 
 
 def test_bench_kernels_runs_the_triton_kernels(tmp_path):
-    args = ["bench", "kernels", *TINY, "--contexts", "100", "--budgets", "1/4", "--label-bits", "8", "--repeats", "1",
-            "--backend", "triton", "--no-plot", "--out-dir", str(tmp_path)]
+    args = [
+        "bench",
+        "kernels",
+        *TINY,
+        "--contexts",
+        "100",
+        "--budgets",
+        "1/4",
+        "--label-bits",
+        "8",
+        "--repeats",
+        "1",
+        "--backend",
+        "triton",
+        "--no-plot",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     assert json.loads((tmp_path / "bench_kernels.json").read_text())["settings"]["backend"] == "triton"
 

@@ -11,12 +11,26 @@ from doublesparse.cli import main
 from doublesparse.eval.bench.full_offload import make_full_offload_cache
 from doublesparse.eval.models import presets
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-TINY_RUN = ["bench", "offload", "--config", "tiny", "--context", "96", "--batch", "1,2", "--steps", "2",
-            "--warmup", "1", "--threads", "1", "--no-progress"]
+TINY_RUN = [
+    "bench",
+    "offload",
+    "--config",
+    "tiny",
+    "--context",
+    "96",
+    "--batch",
+    "1,2",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 def test_bench_offload_writes_json_and_plot(tmp_path):
@@ -52,9 +66,19 @@ def test_bench_offload_skips_methods_host_memory_cannot_hold(tmp_path, monkeypat
 
 @pytest.mark.parametrize(
     "bad",
-    [["--budget", "2"], ["--budget", "a/b"], ["--methods", "ds_offload,flexgen"], ["--methods", "dense,dense"],
-     ["--context", "0"], ["--context", "3"], ["--batch", "0"], ["--sync-layers", "5"], ["--channels", "64"],
-     ["--steps", "0"], ["--threads", "0"]],
+    [
+        ["--budget", "2"],
+        ["--budget", "a/b"],
+        ["--methods", "ds_offload,flexgen"],
+        ["--methods", "dense,dense"],
+        ["--context", "0"],
+        ["--context", "3"],
+        ["--batch", "0"],
+        ["--sync-layers", "5"],
+        ["--channels", "64"],
+        ["--steps", "0"],
+        ["--threads", "0"],
+    ],
 )
 def test_bench_offload_rejects_bad_options_before_building_a_model(tmp_path, monkeypatch, bad):
     def no_model(*args, **kwargs):

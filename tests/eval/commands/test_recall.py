@@ -5,6 +5,7 @@ import json
 import pytest
 
 from doublesparse.cli import main
+
 from tiny_models import random_channel_mask, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -12,8 +13,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _recall_report(tmp_path, *options):
     out = tmp_path / "recall.json"
-    assert main(["recall", "--context-length", "160", "--num-prompts", "2", "--steps", "3", "--out", str(out),
-                 "--no-progress", *options]) == 0
+    assert (
+        main(
+            [
+                "recall",
+                "--context-length",
+                "160",
+                "--num-prompts",
+                "2",
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+                *options,
+            ]
+        )
+        == 0
+    )
     return json.loads(out.read_text())
 
 
@@ -25,8 +42,9 @@ def test_recall_command_reports_every_predicted_layer(tmp_path):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     random_channel_mask(model, seed=3).save(tmp_path / "mask.safetensors")
-    report = _recall_report(tmp_path, "--model", str(tmp_path / "model"),
-                            "--channels", str(tmp_path / "mask.safetensors"))
+    report = _recall_report(
+        tmp_path, "--model", str(tmp_path / "model"), "--channels", str(tmp_path / "mask.safetensors")
+    )
     layers = report["layers"]
     assert [row["layer"] for row in layers] == [0, 1, 2, 3]
     assert not layers[0]["predicted"] and layers[0]["copy"].startswith("sync")
@@ -48,8 +66,15 @@ def test_recall_command_calibrates_the_tiny_random_model(tmp_path):
 
 @pytest.mark.parametrize(
     "bad",
-    [["--budget", "0"], ["--min-recall", "2"], ["--steps", "0"], ["--context-length", "9000"],
-     ["--channels", "missing.safetensors"], ["--num-channels", "64"], ["--model", "no/such/folder"]],
+    [
+        ["--budget", "0"],
+        ["--min-recall", "2"],
+        ["--steps", "0"],
+        ["--context-length", "9000"],
+        ["--channels", "missing.safetensors"],
+        ["--num-channels", "64"],
+        ["--model", "no/such/folder"],
+    ],
 )
 def test_recall_command_rejects_bad_options(tmp_path, bad):
     out = tmp_path / "recall.json"

@@ -37,9 +37,11 @@ def test_recall_restates_every_line_once_in_another_order():
 
 
 def test_documents_are_functions_of_the_seed():
-    for make in (lambda seed: synthetic.kv_retrieval_document(seed, 9, 2),
-                 lambda seed: synthetic.kv_recall_document(seed, 9),
-                 lambda seed: synthetic.passkey_document(seed, 20)):
+    for make in (
+        lambda seed: synthetic.kv_retrieval_document(seed, 9, 2),
+        lambda seed: synthetic.kv_recall_document(seed, 9),
+        lambda seed: synthetic.passkey_document(seed, 20),
+    ):
         assert make(5) == make(5) and make(5) != make(6)
 
 

@@ -7,15 +7,24 @@ import pytest
 from doublesparse.eval.harness.budgets import parse_budget, parse_budgets, sparsity_label
 
 
-@pytest.mark.parametrize("text, expected",
-                         [("1/16", Fraction(1, 16)), (" 0.0625 ", Fraction(1, 16)), ("1", Fraction(1))])
+@pytest.mark.parametrize(
+    "text, expected", [("1/16", Fraction(1, 16)), (" 0.0625 ", Fraction(1, 16)), ("1", Fraction(1))]
+)
 def test_budgets_parse_to_fractions(text, expected):
     assert parse_budget(text) == expected
 
 
-@pytest.mark.parametrize("text, message", [("64", "must lie in"), ("0", "must lie in"), ("-1/4", "must lie in"),
-                                           ("1/0", "not a number"), ("a quarter", "not a number"),
-                                           ("", "not a number")])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("64", "must lie in"),
+        ("0", "must lie in"),
+        ("-1/4", "must lie in"),
+        ("1/0", "not a number"),
+        ("a quarter", "not a number"),
+        ("", "not a number"),
+    ],
+)
 def test_bad_budgets_name_the_option(text, message):
     with pytest.raises(ValueError, match=f"--sparsity: .*{message}"):
         parse_budget(text, "--sparsity")

@@ -30,7 +30,12 @@ def _spec(samples: int) -> GridSpec:
         make_task("perplexity", window=64, num_windows=samples, continuation=16),
     ]
     methods = [make_method(name) for name in ("dense", "double_sparsity", "h2o")]
-    return GridSpec(tasks=tasks, methods=methods, sparsities=[1 / 4], base_config=SparsityConfig(token_budget=1.0, label_bits=16, sink_tokens=0, recent_tokens=0))
+    return GridSpec(
+        tasks=tasks,
+        methods=methods,
+        sparsities=[1 / 4],
+        base_config=SparsityConfig(token_budget=1.0, label_bits=16, sink_tokens=0, recent_tokens=0),
+    )
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from doublesparse.eval import methods
 from doublesparse.eval.methods.base import selective_patch
 from doublesparse.eval.methods.baselines import QuestMethod
 from doublesparse.kernels.sparse_attention import selection_mask
+
 from tiny_models import left_padded_batch, random_channel_mask, tiny_model
 
 LENGTHS = (19, 13)  # left-padded batch: the second row carries 6 padding tokens
@@ -61,8 +62,12 @@ def teacher_forced_and_decode(model, input_ids, attention_mask, steps=DECODE_STE
     out = model(input_ids=input_ids[:, :prefix], attention_mask=attention_mask[:, :prefix], use_cache=True)
     cache, stepped = out.past_key_values, [out.logits[:, -1]]
     for i in range(prefix, input_ids.shape[1]):
-        out = model(input_ids=input_ids[:, i : i + 1], attention_mask=attention_mask[:, : i + 1],
-                    past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=input_ids[:, i : i + 1],
+            attention_mask=attention_mask[:, : i + 1],
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache = out.past_key_values
         stepped.append(out.logits[:, -1])
     return full, torch.stack(stepped[:-1], dim=1)
@@ -76,7 +81,9 @@ def test_full_budget_equals_dense(model, channels, name):
         method = methods.make_method(name)
         # A fraction of 1 in teacher-forced rows, a count above every length while decoding.
         for simulate, budget in ((True, 1.0), (False, 64)):
-            config = SparsityConfig(num_channels=4, token_budget=budget, simulate=simulate, label_bits=16, sink_tokens=0, recent_tokens=0)
+            config = SparsityConfig(
+                num_channels=4, token_budget=budget, simulate=simulate, label_bits=16, sink_tokens=0, recent_tokens=0
+            )
             with method.patch(model, config, channels):
                 full, steps = teacher_forced_and_decode(model, input_ids, attention_mask)
             real = attention_mask.bool()
@@ -89,7 +96,9 @@ def test_full_budget_equals_dense(model, channels, name):
 def test_selection_contract(model, channels, name, budget):
     input_ids, attention_mask = left_padded_batch(LENGTHS, seed=4)
     method = methods.make_method(name)
-    config = SparsityConfig(num_channels=4, token_budget=budget, sink_tokens=1, recent_tokens=2, simulate=True, label_bits=16)
+    config = SparsityConfig(
+        num_channels=4, token_budget=budget, sink_tokens=1, recent_tokens=2, simulate=True, label_bits=16
+    )
     with torch.no_grad(), recording(model, method, config, channels) as records:
         teacher_forced_and_decode(model, input_ids, attention_mask)
     assert records, f"{name} never selected tokens"
