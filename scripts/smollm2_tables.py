@@ -13,18 +13,24 @@ from pathlib import Path
 
 BUDGETS = ("1/4", "1/8", "1/16", "1/32")
 TASKS = (("passkey", "passkey"), ("needle", "needle"), ("perplexity", "ppl"))
+DS = "double_sparsity"
+WINDOW = "sink_tokens=4+recent_tokens=16"
+# (method variant of ablations/variants.json, what it changes), each against the plain setting.
 ABLATIONS = (
-    ("r8", "r = 8"),
-    ("bits4", "4-bit labels"),
-    ("r8-bits4", "r = 8, 4-bit labels"),
-    ("head", "selection per query head"),
-    ("window", "sink 4 + recent 16"),
-    ("code-calibrated", "calibrated on code (bundled text)"),
-    ("projection", "projection labels"),
-    ("projection-r8", "projection, r = 8"),
-    ("projection-bits4", "projection, 4-bit labels"),
-    ("projection-r8-bits4", "projection, r = 8, 4-bit"),
+    (f"{DS}+num_channels=8", "r = 8"),
+    (f"{DS}+label_bits=4", "4-bit labels"),
+    (f"{DS}+num_channels=8+label_bits=4", "r = 8, 4-bit labels"),
+    (f"{DS}+selection=head", "selection per query head"),
+    (f"{DS}+{WINDOW}", "sink 4 + recent 16"),
+    (f"{DS}+dense_layers=0", "layer 0 dense"),
+    (f"{DS}+labels=projection", "projection labels"),
+    (f"{DS}+labels=projection+num_channels=8", "projection, r = 8"),
+    (f"{DS}+labels=projection+label_bits=4", "projection, 4-bit labels"),
+    (f"{DS}+labels=projection+num_channels=8+label_bits=4", "projection, r = 8, 4-bit"),
+    (f"{DS}+labels=projection+{WINDOW}", "projection, sink 4 + recent 16"),
+    (f"{DS}+labels=projection+label_bits=4+{WINDOW}", "projection, 4-bit, sink 4 + recent 16"),
 )
+CHOSEN = f"{DS}+label_bits=4+{WINDOW}"
 
 
 def cell(row: dict | None, task: str) -> str:
@@ -56,16 +62,18 @@ def main_table(document: dict) -> str:
 def ablation_table(folder: Path, main: dict) -> str:
     header = ["Double Sparsity setting"] + [f"{short} {b}" for _, short in TASKS for b in BUDGETS]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    settings = [("defaults (r = 16, 16-bit, group, no window, prose-calibrated)", index(main), "double_sparsity")]
-    settings += [
-        (label, index(load(folder / "ablations" / f"{name}.json")), "double_sparsity") for name, label in ABLATIONS
-    ]
+    variants = index(load(folder / "ablations" / "variants.json"))
+    code = index(load(folder / "ablations" / "code-calibrated.json"))
+    settings = [("plain (r = 16, 16-bit, group, no sink/recent, prose-calibrated)", variants, DS)]
+    settings += [(label, variants, method) for method, label in ABLATIONS]
+    settings += [("calibrated on code (bundled text)", code, DS), ("calibrated on code, projection", code,
+                 f"{DS}+labels=projection")]  # fmt: skip
+    settings.append(("the defaults (4-bit, sink 4 + recent 16)", index(main), CHOSEN))
     settings.append(("oracle_topk (for reference)", index(main), "oracle_topk"))
     for label, rows, method in settings:
-        if not rows:
-            continue
-        cells = [label] + [cell(rows.get((t, method, b)), t) for t, _ in TASKS for b in BUDGETS]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [cell(rows.get((t, method, b)), t) for t, _ in TASKS for b in BUDGETS]
+        if any(cells):
+            lines.append("| " + " | ".join([label] + cells) + " |")
     return "\n".join(lines)
 
 
