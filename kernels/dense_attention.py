@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from .sparse_attention import cap_logits, check_attention_inputs, flash_decode_triton, softmax_with_sinks
+from .attention_math import cap_logits, check_attention_inputs, softmax_with_sinks
+from .flash_decode import flash_decode_triton
 
 
 def dense_attention_reference(

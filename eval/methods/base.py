@@ -28,8 +28,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from doublesparse.attention_patch import attention_patched
 from doublesparse.channels import ChannelMask
 from doublesparse.config import SparsityConfig
+from doublesparse.kernels.attention_math import cap_logits, softmax_with_sinks
 from doublesparse.kernels.selection import select_tokens_reference
-from doublesparse.kernels.sparse_attention import cap_logits, selection_mask, softmax_with_sinks
+from doublesparse.kernels.sparse_attention import selection_mask
 from doublesparse.layout import HeadLayout
 from doublesparse.policy import row_budgets, valid_keys
 from doublesparse.step import dense_attention

@@ -102,7 +102,7 @@ def label_scores_compile(bits, layout):
 def decode_attention_compiles(dtype, dense, single_split, key_dim, value_dim, has_sinks, softcap):
     import triton
 
-    from doublesparse.kernels import sparse_attention
+    from doublesparse.kernels import flash_decode
 
     block_dk, block_dv = (max(16, triton.next_power_of_2(width)) for width in (key_dim, value_dim))
     pointers = {
@@ -132,7 +132,7 @@ def decode_attention_compiles(dtype, dense, single_split, key_dim, value_dim, ha
         BLOCK_DK=block_dk,
         BLOCK_DV=block_dv,
     )
-    compile_for_sm90(sparse_attention._decode_partial_kernel, pointers, constexprs)
+    compile_for_sm90(flash_decode._decode_partial_kernel, pointers, constexprs)
     if not single_split:
         merge_pointers = {
             "part_out_ptr": "*fp32",
@@ -142,7 +142,7 @@ def decode_attention_compiles(dtype, dense, single_split, key_dim, value_dim, ha
             "out_ptr": f"*{dtype}",
         }
         merge_constexprs = dict(VALUE_DIM=value_dim, HAS_SINKS=has_sinks, BLOCK_S=32, BLOCK_DV=block_dv)
-        compile_for_sm90(sparse_attention._decode_merge_kernel, merge_pointers, merge_constexprs)
+        compile_for_sm90(flash_decode._decode_merge_kernel, merge_pointers, merge_constexprs)
 
 
 def ptx_instructions(compiled) -> collections.Counter:
@@ -160,7 +160,7 @@ def default_decode_attention_compiles_as_before(dtype, dense, single_split, head
     import frozen_attention
     import triton
 
-    from doublesparse.kernels import sparse_attention
+    from doublesparse.kernels import flash_decode
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     pointers = {
@@ -188,7 +188,7 @@ def default_decode_attention_compiles_as_before(dtype, dense, single_split, head
         frozen_attention._decode_partial_kernel, pointers, dict(shared, HEAD_DIM=head_dim, BLOCK_D=block_d)
     )
     now = compile_for_sm90(
-        sparse_attention._decode_partial_kernel,
+        flash_decode._decode_partial_kernel,
         pointers,
         dict(
             shared,
@@ -205,7 +205,7 @@ def default_decode_attention_compiles_as_before(dtype, dense, single_split, head
         frozen_attention._decode_merge_kernel, pointers, dict(HEAD_DIM=head_dim, BLOCK_S=32, BLOCK_D=block_d)
     )
     now = compile_for_sm90(
-        sparse_attention._decode_merge_kernel,
+        flash_decode._decode_merge_kernel,
         pointers,
         dict(VALUE_DIM=head_dim, HAS_SINKS=False, BLOCK_S=32, BLOCK_DV=block_d),
     )

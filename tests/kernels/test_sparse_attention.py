@@ -163,7 +163,7 @@ try:
     import triton
     import triton.language as tl
 
-    from doublesparse.kernels.sparse_attention import _soft_cap
+    from doublesparse.kernels.flash_decode import _soft_cap
 except ImportError:  # pragma: no cover - depends on the platform
     triton = None
 else:
