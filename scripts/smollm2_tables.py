@@ -29,8 +29,11 @@ ABLATIONS = (
     (f"{DS}+labels=projection+num_channels=8+label_bits=4", "projection, r = 8, 4-bit"),
     (f"{DS}+labels=projection+{WINDOW}", "projection, sink 4 + recent 16"),
     (f"{DS}+labels=projection+label_bits=4+{WINDOW}", "projection, 4-bit, sink 4 + recent 16"),
+    (f"{DS}+label_bits=4+{WINDOW}", "4-bit, sink 4 + recent 16 (the defaults)"),
+    (f"{DS}+selection=head+{WINDOW}", "selection per query head, sink 4 + recent 16"),
+    ("oracle_topk", "oracle_topk (for reference)"),
+    (f"oracle_topk+{WINDOW}", "oracle_topk, sink 4 + recent 16"),
 )
-CHOSEN = f"{DS}+label_bits=4+{WINDOW}"
 
 
 def cell(row: dict | None, task: str) -> str:
@@ -68,12 +71,21 @@ def ablation_table(folder: Path, main: dict) -> str:
     settings += [(label, variants, method) for method, label in ABLATIONS]
     settings += [("calibrated on code (bundled text)", code, DS), ("calibrated on code, projection", code,
                  f"{DS}+labels=projection")]  # fmt: skip
-    settings.append(("the defaults (4-bit, sink 4 + recent 16)", index(main), CHOSEN))
-    settings.append(("oracle_topk (for reference)", index(main), "oracle_topk"))
     for label, rows, method in settings:
         cells = [cell(rows.get((t, method, b)), t) for t, _ in TASKS for b in BUDGETS]
         if any(cells):
             lines.append("| " + " | ".join([label] + cells) + " |")
+    return "\n".join(lines)
+
+
+def perplexity_table(document: dict) -> str:
+    """One row per method: dense perplexity, or the perplexity at each budget."""
+    rows = index(document)
+    methods = list(dict.fromkeys(r["method"] for r in document["results"]))
+    lines = ["| method | dense | " + " | ".join(BUDGETS) + " |", "|---" * (len(BUDGETS) + 2) + "|"]
+    for method in methods:
+        cells = [cell(rows.get(("perplexity", method, label)), "perplexity") for label in ("dense",) + BUDGETS]
+        lines.append("| " + " | ".join([method] + cells) + " |")
     return "\n".join(lines)
 
 
@@ -119,6 +131,10 @@ def main() -> None:
     if main:
         print("### Double Sparsity ablations at 2048 tokens\n")
         print(ablation_table(folder, main) + "\n")
+    code = load(folder / "ablations" / "code-text.json")
+    if code:
+        print("### Continuation perplexity on code (the bundled held-out text), 2048 tokens\n")
+        print(perplexity_table(code) + "\n")
     print("### Selection gap per layer (2048-token windows, budget 1/16)\n")
     print(gap_table(folder))
 
