@@ -26,6 +26,7 @@ _EXPORTS = {
     "calibrate": "doublesparse.calibration",
     "is_patched": "doublesparse.patch",
     "load_default_model": "doublesparse.default_model",
+    "load_model": "doublesparse.loading",
     "make_cache": "doublesparse.patch",
     "patch_state": "doublesparse.patch",
     "patched": "doublesparse.patch",
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors only
     from .channels import ChannelMask
     from .config import SparsityConfig
     from .layout import HeadLayout
+    from .loading import load_model
     from .offload import OffloadCache
     from .patch import apply, is_patched, make_cache, patch_state, patched, remove
 

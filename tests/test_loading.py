@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import doublesparse as ds
 from doublesparse import loading
 from doublesparse.cli import main as cli_main
 from doublesparse.eval.models.tiny_random import tiny_model_and_tokenizer
@@ -28,7 +29,9 @@ def tiny_gguf(tmp_path_factory):
 
 def test_a_gguf_file_loads_as_the_model_it_was_written_from(tiny_gguf):
     model, tokenizer, path = tiny_gguf
-    loaded, loaded_tokenizer = loading.load_model(str(path))
+    # The public name the README uses: `doublesparse.load_model`.
+    assert ds.load_model is loading.load_model
+    loaded, loaded_tokenizer = ds.load_model(str(path))
     text = "line apple-berry: REGISTER_CONTENT is <12345>"
     ids = tokenizer(text)["input_ids"]
     assert loaded_tokenizer(text)["input_ids"] == ids
