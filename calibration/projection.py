@@ -29,6 +29,8 @@ import torch
 
 from doublesparse.layout import HeadLayout
 
+from .statistics import accumulate, valid_rows
+
 EIGEN_FLOOR = 1e-6
 
 
@@ -49,16 +51,16 @@ class ProjectionStatistics:
         query = query.float()
         key = key[:, :, -rows:].float()
         tokens = batch * rows
-        if self.token_mask is not None:
-            keep = self.token_mask[:, -rows:].to(device=query.device, dtype=torch.bool)
+        keep = valid_rows(self.token_mask, batch, rows, query.device)
+        if keep is not None:
             query = query.masked_fill(~keep[:, None, :, None], 0.0)
             key = key.masked_fill(~keep[:, None, :, None], 0.0)
             tokens = int(keep.sum())
         grouped = query.view(batch, num_kv, num_heads // num_kv, rows, head_dim).transpose(1, 0)
         grouped = grouped.reshape(num_kv, -1, head_dim)
         keys = key.transpose(1, 0).reshape(num_kv, -1, head_dim)
-        self._accumulate(self._q_sums, layer, grouped.transpose(1, 2) @ grouped)
-        self._accumulate(self._k_sums, layer, keys.transpose(1, 2) @ keys)
+        accumulate(self._q_sums, layer, grouped.transpose(1, 2) @ grouped)
+        accumulate(self._k_sums, layer, keys.transpose(1, 2) @ keys)
         self._tokens[layer] = self._tokens.get(layer, 0) + tokens
 
     def projections(
@@ -86,15 +88,6 @@ class ProjectionStatistics:
             keys.append(key_map)
             queries.append(query_map)
         return {"key": torch.stack(keys).float(), "query": torch.stack(queries).float()}
-
-    @staticmethod
-    def _accumulate(sums: dict[int, torch.Tensor], layer: int, batch_sum: torch.Tensor) -> None:
-        total = sums.get(layer)
-        if total is None:
-            dtype = torch.float32 if batch_sum.device.type == "mps" else torch.float64
-            sums[layer] = batch_sum.to(dtype)
-        else:
-            total += batch_sum.to(device=total.device, dtype=total.dtype)
 
 
 def rope_averaged(moment: torch.Tensor, inv_freq: torch.Tensor, positions: int) -> torch.Tensor:

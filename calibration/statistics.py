@@ -41,7 +41,7 @@ class ChannelStatistics:
         # The keys of the query rows are the newest `rows` keys (the whole key tensor without a cache).
         query = query.float()
         key = key[:, :, -rows:].float()
-        valid = self._valid_rows(batch, rows, query.device)
+        valid = valid_rows(self.token_mask, batch, rows, query.device)
         group = num_heads // num_kv
 
         if valid is not None:
@@ -54,11 +54,9 @@ class ChannelStatistics:
             tokens = batch * rows
         # An L1 norm over batch and tokens is the sum of |x| without materialising |x|.
         products = query.view(batch, num_kv, group, rows, head_dim) * key[:, :, None]
-        self._accumulate(self._q_sums, layer, torch.linalg.vector_norm(query, 1, dim=(0, 2)))
-        self._accumulate(self._k_sums, layer, torch.linalg.vector_norm(key, 1, dim=(0, 2)))
-        self._accumulate(
-            self._qk_sums, layer, torch.linalg.vector_norm(products, 1, dim=(0, 3)).view(num_heads, head_dim)
-        )
+        accumulate(self._q_sums, layer, torch.linalg.vector_norm(query, 1, dim=(0, 2)))
+        accumulate(self._k_sums, layer, torch.linalg.vector_norm(key, 1, dim=(0, 2)))
+        accumulate(self._qk_sums, layer, torch.linalg.vector_norm(products, 1, dim=(0, 3)).view(num_heads, head_dim))
         self._tokens[layer] = self._tokens.get(layer, 0) + tokens
 
     @property
@@ -88,22 +86,24 @@ class ChannelStatistics:
 
         return {"q": mean(self._q_sums, 1), "k": mean(self._k_sums, group), "qk": mean(self._qk_sums, 1)}
 
-    def _valid_rows(self, batch: int, rows: int, device: torch.device) -> Optional[torch.Tensor]:
-        if self.token_mask is None:
-            return None
-        mask = self.token_mask[:, -rows:]
-        if mask.shape != (batch, rows):
-            raise ValueError(
-                f"token mask of shape {tuple(self.token_mask.shape)} does not fit a batch of {batch}x{rows}"
-            )
-        return mask.to(device=device, dtype=torch.bool)
 
-    @staticmethod
-    def _accumulate(sums: dict[int, torch.Tensor], layer: int, batch_sum: torch.Tensor) -> None:
-        total = sums.get(layer)
-        if total is None:
-            # MPS has no float64; fp32 totals there.
-            dtype = torch.float32 if batch_sum.device.type == "mps" else torch.float64
-            sums[layer] = batch_sum.to(dtype)
-        else:
-            total += batch_sum.to(device=total.device, dtype=total.dtype)
+def valid_rows(
+    token_mask: Optional[torch.Tensor], batch: int, rows: int, device: torch.device
+) -> Optional[torch.Tensor]:
+    """The padding mask [B, rows] of a call's query rows (the last `rows` of the batch's mask), or None."""
+    if token_mask is None:
+        return None
+    mask = token_mask[:, -rows:]
+    if mask.shape != (batch, rows):
+        raise ValueError(f"token mask of shape {tuple(token_mask.shape)} does not fit a batch of {batch}x{rows}")
+    return mask.to(device=device, dtype=torch.bool)
+
+
+def accumulate(sums: dict[int, torch.Tensor], layer: int, batch_sum: torch.Tensor) -> None:
+    """Add one batch's sum to a layer's running total (float64; fp32 on MPS, which has no float64)."""
+    total = sums.get(layer)
+    if total is None:
+        dtype = torch.float32 if batch_sum.device.type == "mps" else torch.float64
+        sums[layer] = batch_sum.to(dtype)
+    else:
+        total += batch_sum.to(device=total.device, dtype=total.dtype)
