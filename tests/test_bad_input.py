@@ -938,11 +938,23 @@ def test_14_a_folder_that_holds_no_model_is_named_before_work(tmp_path, no_eval_
         (["--task", "kv_retrieval", "--window", "64"], r"--window is read by perplexity only, and --task runs kv_retr"),
         (["--task", "perplexity", "--num-samples", "3"],
          r"--num-samples is read by kv_retrieval, lm_eval:<task>, needle, passkey only, and --task runs perplexity"),
+        (["--method", "sparq", "--labels", "projection"], r"--labels is read by double_sparsity only"),
+        (["--task", "passkey", "--num-needles", "2"], r"--num-needles is read by needle only, and --task runs passkey"),
+        (["--task", "needle", "--protocol", "every-position"], r"--protocol is read by perplexity only"),
+        (["--task", "passkey", "--continuation-tokens", "32"],
+         r"--continuation-tokens is read by perplexity only, and --task runs passkey"),
     ],
 )  # fmt: skip
 def test_14_eval_options_that_no_task_or_method_reads_are_refused(no_eval_work, capsys, options, message):
     channels = [] if "--method" in options else ["--channels", "calibrate"]  # the default methods need a mask
     refused(capsys, ["eval", "--model", "tiny-random", *channels, *options], message)
+
+
+def test_14_eval_refuses_a_journal_it_could_not_write(no_eval_work, capsys, tmp_path):
+    # Every sample goes to the .jsonl beside --out as it is measured: a folder there fails before any work.
+    (tmp_path / "r.jsonl").mkdir()
+    argv = ["eval", "--model", "tiny-random", "--task", "passkey", "--method", "dense", "--out", tmp_path / "r.json"]
+    refused(capsys, argv, r"--out's journal '.*r\.jsonl' is a folder")
 
 
 def test_14_passkey_does_not_take_kv_retrievals_num_lines():

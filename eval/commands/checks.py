@@ -26,7 +26,7 @@ def check_plan_outputs(plan: Any, out: str = "--out", csv: str = "--csv", plot: 
     from doublesparse.output_paths import check_image_file, check_output_file
 
     # The journal beside the JSON is written from the first measured sample on: it must be writable too.
-    for path, option in ((plan.out_json, out), (plan.out_jsonl, out), (plan.out_csv, csv)):
+    for path, option in ((plan.out_json, out), (plan.out_jsonl, f"{out}'s journal"), (plan.out_csv, csv)):
         if path is not None:
             check_output_file(path, option)
     if plan.out_plot is not None:
