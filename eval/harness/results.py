@@ -23,11 +23,12 @@ from .plan import GridSpec
 
 
 def environment() -> dict[str, Any]:
-    """Versions and platform, for result files."""
+    """Versions, platform and the checkout's commit, for result files."""
     import torch
     import transformers
 
     import doublesparse
+    from doublesparse.provenance import git_commit
 
     versions = {
         "doublesparse": doublesparse.__version__,
@@ -43,6 +44,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
+        "commit": git_commit(),  # with -dirty when tracked files had changed; None outside a git checkout
     }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -98,6 +99,8 @@ def test_small_run_writes_reproducible_results(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["seed"] == 0 and saved["model"]["trained"] is False
     assert {"torch", "transformers", "doublesparse"} <= set(saved["environment"]["versions"])
+    commit = saved["environment"]["commit"]  # the figures name the code that measured them
+    assert commit is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit), commit
     assert saved["tasks"]["kv_retrieval"]["settings"]["num_samples"] == 2
     runs = {(r["task"], r["method"], r["sparsity_label"]) for r in saved["results"]}
     assert ("perplexity", "dense", "dense") in runs and ("kv_retrieval", "h2o", "1/4") in runs and len(runs) == 10
