@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
+from .huge_pages import huge_page_zeros
 from .kernels.dispatch import make_labels, resolve_backend
 from .kernels.label_append import Labels
 from .kernels.scratch import Scratch
@@ -195,6 +196,7 @@ class StaticLabelLayer(SparseLayer, StaticLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocate keys, values and label buffers for `max_cache_len` tokens."""
         super().lazy_initialization(key_states, value_states)
+        kv_on_huge_pages(self)
         self.channels = self.channels.to(self.device)
         self._label_backend = resolve_backend(self.backend, self.device)  # once, on the buffers' device
         if not self.labels_from_attention:  # otherwise sized from the first attention call's keys
@@ -207,7 +209,7 @@ class StaticLabelLayer(SparseLayer, StaticLayer):
             *(
                 None
                 if t is None
-                else torch.zeros((*t.shape[:2], self.max_cache_len, *t.shape[3:]), dtype=t.dtype, device=self.device)
+                else _zeros((*t.shape[:2], self.max_cache_len, *t.shape[3:]), t.dtype, self.device)
                 for t in sample
             )
         )
@@ -295,6 +297,25 @@ class StaticDoubleSparseCache(StaticCache):
 
     labels = DoubleSparseCache.labels
     memory = DoubleSparseCache.memory
+
+
+def kv_on_huge_pages(layer: StaticLayer) -> None:
+    """Give an initialized CPU `StaticLayer` fresh zero keys and values on huge pages (huge_pages.py).
+
+    Decode reads rows of them at random, and on huge pages those reads cost no TLB misses. Meant for a
+    layer that holds nothing yet (transformers zeroes the buffers it allocates; these replace them).
+    """
+    if layer.keys.device.type != "cpu":
+        return
+    layer.keys = huge_page_zeros(tuple(layer.keys.shape), layer.keys.dtype)
+    layer.values = huge_page_zeros(tuple(layer.values.shape), layer.values.dtype)
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(layer.keys)
+        torch._dynamo.mark_static_address(layer.values)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return huge_page_zeros(shape, dtype) if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
 
 
 def is_empty_cache(cache: Cache) -> bool:

@@ -5,11 +5,11 @@
 
 #include "cpu_decode.h"
 
-#define PREFETCH_AHEAD 8
+#define PREFETCH_AHEAD 48
 
 /* Random rows defeat the hardware prefetcher: ask for every cache line of a row some rows ahead. */
 static inline void prefetch_row(const uint8_t *row, int64_t bytes) {
-    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(row + offset);
+    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(row + offset, 0, 1);
 }
 
 static inline void load_row(int kind, const uint8_t *base, int64_t n, float *row) {

@@ -218,8 +218,11 @@ def read_bandwidth(device: Any, repeats: int = 5) -> float:
     """Bytes/s the device reads at: the best of `repeats` 1 GiB sums (CPU) or 1 GiB copies (CUDA, read + write)."""
     import torch
 
+    from doublesparse.huge_pages import on_huge_pages
+
     synchronize = synchronizer(device)
-    source = torch.ones(1 << 28, dtype=torch.float32, device=device)
+    # On the same pages as the benchmark's weights and caches (on CPU: huge pages where the system has them).
+    source = on_huge_pages(torch.ones(1 << 28, dtype=torch.float32, device=device))
     target = torch.empty_like(source) if device.type == "cuda" else None
     best = float("inf")
     for _ in range(repeats + 1):
@@ -237,7 +240,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import doublesparse as ds
+    from doublesparse.cache import kv_on_huge_pages
     from doublesparse.decode import StaticDecoder
+    from doublesparse.huge_pages import huge_page_mode, module_on_huge_pages, process_huge_page_bytes
     from doublesparse.plan import layer_plans
     from doublesparse.provenance import provenance
 
@@ -271,11 +276,15 @@ def run(args: argparse.Namespace) -> int:
     cases = [(dtype, context, batch) for dtype in dtypes for context in contexts for batch in batches]
     progress = tqdm(total=2 * len(cases), desc="bench decode", disable=args.no_progress)
     model = None
+    weights_on_huge_pages: dict[str, int] = {}
     for dtype_name, context, batch in cases:
         dtype = getattr(torch, dtype_name)
         if model is None or next(model.parameters()).dtype != dtype:
             del model
             model = presets.build_model(preset, dtype, device, args.seed)
+            # The Double Sparsity cache puts its CPU buffers on huge pages (cache.kv_on_huge_pages); the
+            # shared weights and the dense cache get them too, so both methods run on the same memory.
+            weights_on_huge_pages[dtype_name] = module_on_huge_pages(model)
             layout = ds.HeadLayout.from_config(model.config)
             config.check_model(layout.num_layers, layout.head_dim)
             mask = random_channel_mask(layout, args.seed)
@@ -288,6 +297,11 @@ def run(args: argparse.Namespace) -> int:
             try:
                 decoder = StaticDecoder(model, max_len, compile=args.compile, compile_mode=args.compile_mode)
                 cache = decoder.new_cache()
+                if method == "dense" and device.type == "cpu":
+                    layout_kv = (batch, layout.num_kv_heads, layout.head_dim, dtype, device)
+                    cache.early_initialization(*layout_kv)
+                    for layer in cache.layers:
+                        kv_on_huge_pages(layer)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
@@ -298,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
                     )
                 memory = cache.memory() if hasattr(cache, "memory") else _static_cache_bytes(cache)
                 peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+                huge_bytes = process_huge_page_bytes() if device.type == "cpu" else None
                 stages = None
                 if args.breakdown:
                     stages = breakdown_steps(
@@ -327,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
                 "step_cpu_seconds": cpu_seconds,
                 "cache_bytes": memory,
                 "peak_device_bytes": peak,
+                "process_huge_page_bytes": huge_bytes,
                 "step_bytes": moved[method],
                 "gb_s": moved[method]["total"] / step / 1e9,
             }
@@ -360,6 +376,7 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "threads": torch.get_num_threads(),
         },
+        "huge_pages": {"mode": huge_page_mode(), "weight_bytes": weights_on_huge_pages},
         **provenance(device),
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "rows": rows,
@@ -379,6 +396,11 @@ def _static_cache_bytes(cache: Any) -> dict[str, int]:
     return {"keys": keys, "values": values, "labels": 0, "total": keys + values}
 
 
+def _huge_pages_note(report: dict[str, Any]) -> str:
+    pages = report.get("huge_pages")
+    return "" if pages is None else f", THP mode {pages['mode']}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The results as a fixed-width table (and the breakdown, where it was measured)."""
     settings = report["settings"]
@@ -386,19 +408,21 @@ def format_table(report: dict[str, Any]) -> str:
         f"decode benchmark: {settings['config']}, budget {settings['budget']}, "
         f"r={settings['sparsity_config']['num_channels']}, {settings['sparsity_config']['label_bits']}-bit labels, "
         f"prefill {settings['prefill']}, {settings['threads']} threads, device {report['device']}, "
-        f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s",
+        f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s{_huge_pages_note(report)}",
         f"{'dtype':>8} {'context':>8} {'batch':>5} {'method':<16} {'ms/step':>9} {'tokens/s':>9} {'cache MB':>9} "
-        f"{'MB/step':>8} {'GB/s':>6} {'speed-up':>8} {'floor':>6} {'share':>6} {'cpu ms':>9} {'cpu x':>6}",
+        f"{'THP MB':>8} {'MB/step':>8} {'GB/s':>6} {'speed-up':>8} {'floor':>6} {'share':>6} {'cpu ms':>9} {'cpu x':>6}",
     ]
     for row in report["rows"]:
         speedup = f"{row['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in row else ""
         floor = f"{row['floor_speedup']:.2f}x" if "floor_speedup" in row else ""
         share = f"{100 * row['share_of_floor']:.0f}%" if "share_of_floor" in row else ""
         cpu_speedup = f"{row['cpu_speedup']:.2f}x" if "cpu_speedup" in row else ""
+        huge = row.get("process_huge_page_bytes")
+        huge = "-" if huge is None else f"{huge / 2**20:.0f}"
         lines.append(
             f"{row['dtype']:>8} {row['context']:>8} {row['batch']:>5} {row['method']:<16} {row['ms_per_step']:>9.2f} "
             f"{row['tokens_per_s']:>9.2f} {row['cache_bytes']['total'] / 2**20:>9.1f} "
-            f"{row['step_bytes']['total'] / 1e6:>8.1f} {row['gb_s']:>6.2f} {speedup:>8} {floor:>6} {share:>6} "
+            f"{huge:>8} {row['step_bytes']['total'] / 1e6:>8.1f} {row['gb_s']:>6.2f} {speedup:>8} {floor:>6} {share:>6} "
             f"{row['cpu_ms_per_step']:>9.2f} {cpu_speedup:>6}"
         )
     broken_down = [row for row in report["rows"] if "breakdown_ms" in row]
