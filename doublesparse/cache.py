@@ -207,9 +207,7 @@ class StaticLabelLayer(SparseLayer, StaticLayer):
         sample = make_labels(keys[:, :, :1], self.channels, self.label_bits, self._label_backend)
         self.labels = Labels(
             *(
-                None
-                if t is None
-                else _zeros((*t.shape[:2], self.max_cache_len, *t.shape[3:]), t.dtype, self.device)
+                None if t is None else _zeros((*t.shape[:2], self.max_cache_len, *t.shape[3:]), t.dtype, self.device)
                 for t in sample
             )
         )

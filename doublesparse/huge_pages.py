@@ -59,10 +59,11 @@ def _advised_block(nbytes: int) -> Optional[torch.Tensor]:
     """`nbytes` of uninitialised 2 MiB-aligned CPU memory advised for huge pages, or None where advice cannot apply."""
     if nbytes < MIN_BYTES or huge_page_mode() not in ("always", "madvise"):
         return None
-    # One huge page more than needed, so an aligned start lies inside; the block is a view into it.
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    # Whole huge pages, and one more so that an aligned start lies inside; the block is a view into it.
+    span = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    raw = torch.empty(span + HUGE_PAGE, dtype=torch.uint8)
     start = (-raw.data_ptr()) % HUGE_PAGE
-    if not _madvise(raw.data_ptr() + start, (raw.numel() - start) // HUGE_PAGE * HUGE_PAGE):
+    if not _madvise(raw.data_ptr() + start, span):
         return None
     return raw[start : start + nbytes]
 
@@ -100,8 +101,9 @@ def module_on_huge_pages(module: torch.nn.Module) -> int:
     moved = 0
     with torch.no_grad():
         for tensor in (*module.parameters(), *module.buffers()):
-            copy = on_huge_pages(tensor.data)
-            if copy is not tensor.data:
+            data = tensor.data  # a new view object on every access: compare against this one
+            copy = on_huge_pages(data)
+            if copy is not data:
                 tensor.data = copy
                 moved += copy.numel() * copy.element_size()
     return moved

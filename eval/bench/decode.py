@@ -410,7 +410,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"prefill {settings['prefill']}, {settings['threads']} threads, device {report['device']}, "
         f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s{_huge_pages_note(report)}",
         f"{'dtype':>8} {'context':>8} {'batch':>5} {'method':<16} {'ms/step':>9} {'tokens/s':>9} {'cache MB':>9} "
-        f"{'THP MB':>8} {'MB/step':>8} {'GB/s':>6} {'speed-up':>8} {'floor':>6} {'share':>6} {'cpu ms':>9} {'cpu x':>6}",
+        f"{'THP MB':>8} {'MB/step':>8} {'GB/s':>6} {'speed-up':>8} {'floor':>6} {'share':>6} "
+        f"{'cpu ms':>9} {'cpu x':>6}",
     ]
     for row in report["rows"]:
         speedup = f"{row['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in row else ""
@@ -422,8 +423,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{row['dtype']:>8} {row['context']:>8} {row['batch']:>5} {row['method']:<16} {row['ms_per_step']:>9.2f} "
             f"{row['tokens_per_s']:>9.2f} {row['cache_bytes']['total'] / 2**20:>9.1f} "
-            f"{huge:>8} {row['step_bytes']['total'] / 1e6:>8.1f} {row['gb_s']:>6.2f} {speedup:>8} {floor:>6} {share:>6} "
-            f"{row['cpu_ms_per_step']:>9.2f} {cpu_speedup:>6}"
+            f"{huge:>8} {row['step_bytes']['total'] / 1e6:>8.1f} {row['gb_s']:>6.2f} {speedup:>8} {floor:>6} "
+            f"{share:>6} {row['cpu_ms_per_step']:>9.2f} {cpu_speedup:>6}"
         )
     broken_down = [row for row in report["rows"] if "breakdown_ms" in row]
     if broken_down:

@@ -182,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
     from doublesparse.config import SparsityConfig
+    from doublesparse.huge_pages import on_huge_pages
     from doublesparse.kernels import dispatch
     from doublesparse.kernels.label_append import label_bytes_per_token
     from doublesparse.kernels.label_scores import gather_query_channels
@@ -231,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
         query = torch.randn(batch, q_heads, 1, head_dim, generator=generator).to(device, dtype)
         keys = torch.randn(batch, kv_heads, tokens, head_dim, generator=generator).to(device, dtype)
         values = torch.randn(batch, kv_heads, tokens, head_dim, generator=generator).to(device, dtype)
+        # On the pages the decode cache uses (huge pages on CPU where the system has them; no-op on CUDA).
+        keys, values = on_huge_pages(keys), on_huge_pages(values)
         channels = torch.stack(
             [torch.randperm(head_dim, generator=generator)[: args.channels] for _ in range(channel_heads)]
         ).to(device)

@@ -47,6 +47,10 @@ def test_bench_decode_writes_json_and_plot(tmp_path, capsys):
     assert all(row["tokens_per_s"] > 0 and len(row["step_seconds"]) == 2 for row in report["rows"])
     assert all(len(row["step_cpu_seconds"]) == 2 and row["cpu_ms_per_step"] > 0 for row in report["rows"])
     assert report["read_bandwidth_gb_s"] > 0 and report["settings"]["threads"] >= 1
+    # Both methods on the same pages: the mode and the weights moved are recorded, and each row's huge-page bytes.
+    assert report["huge_pages"]["mode"] in ("always", "madvise", "never", "unavailable")
+    assert set(report["huge_pages"]["weight_bytes"]) == {"float32", "bfloat16"}
+    assert all(row["process_huge_page_bytes"] is None or row["process_huge_page_bytes"] >= 0 for row in report["rows"])
     for dense, sparse in zip(report["rows"][0::2], report["rows"][1::2]):
         assert sparse["cache_bytes"]["labels"] > 0 and sparse["speedup_vs_dense"] > 0
         assert dense["step_bytes"]["labels"] == 0 and sparse["step_bytes"]["labels"] > 0
