@@ -11,7 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define ABI_VERSION 3
+#define ABI_VERSION 4
 
 /* Tokens scored per tile (their dot products stay in L1). */
 #define TILE 128
@@ -150,6 +150,8 @@ void doublesparse_sparse_attention(
     int64_t valid_stride_l, int64_t valid_stride_k, float *weights, float *out, int64_t batch, int64_t q_heads,
     int64_t kv_heads, int64_t select_heads, int64_t rows, int64_t slots, int64_t head_dim, int kind, float scaling,
     int num_threads);
+uint64_t doublesparse_read_rows(const uint8_t *base, int64_t row_bytes, int64_t row_stride, const int64_t *rows,
+                                int64_t n, int num_threads);
 int64_t doublesparse_fused_workspace_bytes(int64_t tokens, int64_t max_budget, int64_t group);
 int doublesparse_fused_decode(
     const float *q, const int64_t *channels, const uint8_t *codes, int64_t code_stride_b, int64_t code_stride_h,

@@ -134,3 +134,40 @@ void doublesparse_sparse_attention(
                      select_heads, rows, slots, head_dim, kind, scaling};
     ds_parallel_for(attend_range, &a, batch * select_heads * rows, num_threads);
 }
+
+/* The read pattern of sparse attention without its arithmetic: rows[i] of `base` (row_bytes each,
+ * row_stride apart) read in order with the kernel's prefetching, the rows split over the threads.
+ * `bench decode` times it over a buffer larger than the caches to give the rate at which this machine
+ * reads rows at random positions: the ceiling of Double Sparsity's K/V reads, beside the streaming
+ * bandwidth that the byte floor assumes. Returns the xor of the rows' 8-byte words (so nothing is
+ * optimised away; the tests check it). */
+typedef struct {
+    const uint8_t *base;
+    int64_t row_bytes, row_stride;
+    const int64_t *rows;
+    uint64_t checksum;
+} read_rows_args;
+
+static void read_rows_range(void *p, int64_t begin, int64_t end, int thread) {
+    (void)thread;
+    read_rows_args *a = (read_rows_args *)p;
+    const int64_t words = a->row_bytes / 8;
+    uint64_t sum = 0;
+    for (int64_t i = begin; i < end; i++) {
+        if (i + PREFETCH_AHEAD < end) prefetch_row(a->base + a->rows[i + PREFETCH_AHEAD] * a->row_stride, a->row_bytes);
+        const uint8_t *row = a->base + a->rows[i] * a->row_stride;
+        for (int64_t j = 0; j < words; j++) {
+            uint64_t word;
+            memcpy(&word, row + 8 * j, sizeof word);
+            sum ^= word;
+        }
+    }
+    __atomic_fetch_xor(&a->checksum, sum, __ATOMIC_RELAXED);
+}
+
+uint64_t doublesparse_read_rows(const uint8_t *base, int64_t row_bytes, int64_t row_stride, const int64_t *rows,
+                                int64_t n, int num_threads) {
+    read_rows_args a = {base, row_bytes, row_stride, rows, 0};
+    ds_parallel_for(read_rows_range, &a, n, num_threads);
+    return a.checksum;
+}

@@ -85,7 +85,7 @@ SOURCES = tuple(
         "cpu_fused_decode.c",
     )
 )
-ABI_VERSION = 3
+ABI_VERSION = 4
 FLAG_SETS = (
     ["-O3", "-march=native", "-std=gnu11", "-fPIC", "-fopenmp"],
     ["-O3", "-std=gnu11", "-fPIC", "-fopenmp"],  # compilers without -march=native
@@ -408,6 +408,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.doublesparse_sparse_attention.argtypes = (
         [ptr, ptr, ptr, i64, i64, i64, ptr, ptr] + [i64] * 4 + [ptr, ptr] + [i64] * 7 + [i32, f32, i32]
     )
+    lib.doublesparse_read_rows.restype = ctypes.c_uint64
+    lib.doublesparse_read_rows.argtypes = [ptr, i64, i64, ptr, i64, i32]
     lib.doublesparse_fused_workspace_bytes.restype = i64
     lib.doublesparse_fused_workspace_bytes.argtypes = [i64, i64, i64]
     lib.doublesparse_fused_decode.restype = ctypes.c_int

@@ -244,6 +244,31 @@ def fused_decode_workspace_bytes(tokens: int, max_budget: int, group: int, threa
     return threads * native.require_library().doublesparse_fused_workspace_bytes(tokens, max_budget, group)
 
 
+def read_rows(buffer: torch.Tensor, rows: torch.Tensor, row_bytes: int) -> int:
+    """Read the first `row_bytes` of rows `rows` of a uint8 [N, stride] buffer as sparse attention reads K/V rows.
+
+    The access pattern alone, for `bench decode`'s random-row ceiling; returns the xor of the 8-byte words read.
+    """
+    lib = native.require_library()
+    _on_cpu(buffer, rows)
+    if not (buffer.dtype == torch.uint8 and buffer.dim() == 2 and buffer.is_contiguous()):
+        raise ValueError(
+            f"buffer must be a contiguous uint8 [N, stride] tensor, got {buffer.dtype} {tuple(buffer.shape)}"
+        )
+    if not (0 < row_bytes <= buffer.shape[1] and row_bytes % 8 == 0):
+        raise ValueError(f"row_bytes must be a positive multiple of 8 up to {buffer.shape[1]}, got {row_bytes}")
+    if not (rows.dtype == torch.int64 and rows.dim() == 1):
+        raise ValueError(f"rows must be int64 [n], got {rows.dtype} {tuple(rows.shape)}")
+    rows = rows.contiguous()
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= buffer.shape[0]):
+        raise ValueError(f"rows must lie in [0, {buffer.shape[0]})")
+    return int(
+        lib.doublesparse_read_rows(
+            buffer.data_ptr(), row_bytes, buffer.shape[1], rows.data_ptr(), rows.numel(), torch.get_num_threads()
+        )
+    )
+
+
 def fused_decode_into(
     query: torch.Tensor,
     channels: torch.Tensor,

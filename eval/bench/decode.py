@@ -15,7 +15,11 @@ selected K/V, per layer, batch included) and the bandwidth that makes; per Doubl
 measured speed-up over dense, the byte floor's speed-up (dense bytes / Double Sparsity bytes) and the
 measured one as a share of it. The header gives the device's read bandwidth (a 1 GiB sum on CPU, a
 copy on CUDA), against which the dense row's bandwidth says whether the dense baseline itself runs at
-the memory's speed (a slow baseline inflates every speed-up). `--breakdown` adds where the time of a
+the memory's speed (a slow baseline inflates every speed-up); beside it, the rate at which the native
+kernels' access pattern reads K/V rows at random positions (`row_read_bandwidth`), the ceiling of
+Double Sparsity's selected-row reads, which the byte floor counts at the streaming rate. Weights and
+both caches sit on the same pages (huge pages where the system gives them, huge_pages.py); each row
+records the process's huge-page bytes. `--breakdown` adds where the time of a
 step goes (step_breakdown.py), from extra steps run under timers. JSON with every setting, and a plot.
 """
 
@@ -25,7 +29,7 @@ import argparse
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from doublesparse.kernels.backends import BACKENDS
 
@@ -234,6 +238,37 @@ def read_bandwidth(device: Any, repeats: int = 5) -> float:
     return (1 if target is None else 2) * source.numel() * 4 / best
 
 
+# The random-row probe reads this much from a buffer of PROBE_BUFFER_BYTES (well past any cache).
+PROBE_READ_BYTES = 64 << 20
+PROBE_BUFFER_BYTES = 2 << 30
+
+
+def row_read_bandwidth(row_bytes: int, repeats: int = 5) -> Optional[float]:
+    """Bytes/s at which the native sparse attention's access pattern reads `row_bytes`-byte rows at random.
+
+    The best of `repeats` reads of PROBE_READ_BYTES, fresh rows each time, from a buffer on the pages the
+    caches use; None where the native kernels are not built. The ceiling of Double Sparsity's K/V reads
+    on this machine, where the byte floor counts every byte at the streaming rate.
+    """
+    import torch
+
+    from doublesparse.huge_pages import huge_page_zeros
+    from doublesparse.kernels import native, native_ops
+
+    if native.native_limits() is None:
+        return None
+    buffer = huge_page_zeros((PROBE_BUFFER_BYTES // row_bytes, row_bytes), torch.uint8)
+    generator = torch.Generator().manual_seed(0)
+    count = PROBE_READ_BYTES // row_bytes
+    best = float("inf")
+    for _ in range(repeats + 1):
+        rows = torch.randint(0, buffer.shape[0], (count,), generator=generator)
+        start = time.perf_counter()
+        native_ops.read_rows(buffer, rows, row_bytes)
+        best = min(best, time.perf_counter() - start)
+    return count * row_bytes / best
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark, print the table, write JSON and the plot."""
     import torch
@@ -271,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
     )
     synchronize = synchronizer(device)
     bandwidth = read_bandwidth(device)
+    row_rates: dict[str, Optional[float]] = {}
 
     rows = []
     cases = [(dtype, context, batch) for dtype in dtypes for context in contexts for batch in batches]
@@ -286,6 +322,8 @@ def run(args: argparse.Namespace) -> int:
             # shared weights and the dense cache get them too, so both methods run on the same memory.
             weights_on_huge_pages[dtype_name] = module_on_huge_pages(model)
             layout = ds.HeadLayout.from_config(model.config)
+            if device.type == "cpu":
+                row_rates[dtype_name] = row_read_bandwidth(layout.head_dim * dtype.itemsize)
             config.check_model(layout.num_layers, layout.head_dim)
             mask = random_channel_mask(layout, args.seed)
             plans = layer_plans(mask, config, layout)
@@ -379,6 +417,8 @@ def run(args: argparse.Namespace) -> int:
         "huge_pages": {"mode": huge_page_mode(), "weight_bytes": weights_on_huge_pages},
         **provenance(device),
         "read_bandwidth_gb_s": bandwidth / 1e9,
+        # Per dtype: K/V rows of head_dim elements read at random (the native kernels' pattern), GB/s.
+        "row_read_gb_s": {name: None if rate is None else rate / 1e9 for name, rate in row_rates.items()},
         "rows": rows,
     }
     out_dir = Path(args.out_dir)
@@ -398,7 +438,9 @@ def _static_cache_bytes(cache: Any) -> dict[str, int]:
 
 def _huge_pages_note(report: dict[str, Any]) -> str:
     pages = report.get("huge_pages")
-    return "" if pages is None else f", THP mode {pages['mode']}"
+    note = "" if pages is None else f", THP mode {pages['mode']}"
+    rates = [f"{name} {rate:.1f}" for name, rate in report.get("row_read_gb_s", {}).items() if rate is not None]
+    return note + (f"; K/V rows read at random: {', '.join(rates)} GB/s" if rates else "")
 
 
 def format_table(report: dict[str, Any]) -> str:

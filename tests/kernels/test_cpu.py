@@ -1,5 +1,6 @@
 """Native CPU kernels (kernels/cpu_decode.c) against their torch references, over a shape grid."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,6 +110,38 @@ def test_sparse_attention_matches_reference(dtype, heads):
     actual = sparse_attention_cpu(query, keys, values, indices, slot_valid, 0.11)
     assert_close(actual, expected, output_tolerance(dtype) if dtype != torch.float32 else 2e-6)
     assert torch.equal(actual[1], torch.zeros_like(actual[1]))  # a row with no valid slot
+
+
+@pytest.mark.parametrize("row_bytes", [8, 256, 512])
+def test_the_row_read_probe_reads_exactly_the_rows_asked(row_bytes):
+    from doublesparse.kernels.native_ops import read_rows
+
+    generator = torch.Generator().manual_seed(5)
+    buffer = torch.randint(0, 256, (3000, 520), dtype=torch.uint8, generator=generator)
+    rows = torch.randint(0, 3000, (777,), generator=generator)  # repeats too, as a probe may draw them
+    words = buffer[rows, :row_bytes].contiguous().view(torch.int64).numpy()
+    expected = int(np.bitwise_xor.reduce(words.ravel()).astype(np.uint64))
+    assert read_rows(buffer, rows, row_bytes) == expected
+    assert read_rows(buffer, rows[:0], row_bytes) == 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b, r, n: (b.float(), r, n), "contiguous uint8"),
+        (lambda b, r, n: (b, r, 12), "multiple of 8"),
+        (lambda b, r, n: (b, r, 1024), "multiple of 8 up to 520"),
+        (lambda b, r, n: (b, r.int(), n), "int64"),
+        (lambda b, r, n: (b, r + 3000, n), r"lie in \[0, 3000\)"),
+        (lambda b, r, n: (b, r - 1, n), r"lie in \[0, 3000\)"),
+    ],
+)
+def test_the_row_read_probe_refuses_what_would_read_outside_the_buffer(change, message):
+    from doublesparse.kernels.native_ops import read_rows
+
+    buffer, rows = torch.zeros(3000, 520, dtype=torch.uint8), torch.arange(10)
+    with pytest.raises(ValueError, match=message):
+        read_rows(*change(buffer, rows, 64))
 
 
 def test_auto_backend_picks_the_native_kernels_on_cpu(monkeypatch):

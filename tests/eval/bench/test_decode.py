@@ -50,6 +50,8 @@ def test_bench_decode_writes_json_and_plot(tmp_path, capsys):
     # Both methods on the same pages: the mode and the weights moved are recorded, and each row's huge-page bytes.
     assert report["huge_pages"]["mode"] in ("always", "madvise", "never", "unavailable")
     assert set(report["huge_pages"]["weight_bytes"]) == {"float32", "bfloat16"}
+    assert set(report["row_read_gb_s"]) == {"float32", "bfloat16"}  # the random-row ceiling, per row width
+    assert all(rate is None or rate > 0 for rate in report["row_read_gb_s"].values())
     assert all(row["process_huge_page_bytes"] is None or row["process_huge_page_bytes"] >= 0 for row in report["rows"])
     for dense, sparse in zip(report["rows"][0::2], report["rows"][1::2]):
         assert sparse["cache_bytes"]["labels"] > 0 and sparse["speedup_vs_dense"] > 0
