@@ -17,7 +17,8 @@ measured one as a share of it. The header gives the device's read bandwidth (a 1
 copy on CUDA), against which the dense row's bandwidth says whether the dense baseline itself runs at
 the memory's speed (a slow baseline inflates every speed-up); beside it, the rate at which the native
 kernels' access pattern reads K/V rows at random positions (`row_read_bandwidth`), the ceiling of
-Double Sparsity's selected-row reads, which the byte floor counts at the streaming rate. Weights and
+Double Sparsity's selected-row reads, which the byte floor counts at the streaming rate; the "rows
+floor" is the byte floor with those rows at that rate (`row_floor_speedup`), and its share. Weights and
 both caches sit on the same pages (huge pages where the system gives them, huge_pages.py); each row
 records the process's huge-page bytes. `--breakdown` adds where the time of a
 step goes (step_breakdown.py), from extra steps run under timers. JSON with every setting, and a plot.
@@ -269,6 +270,15 @@ def row_read_bandwidth(row_bytes: int, repeats: int = 5) -> Optional[float]:
     return count * row_bytes / best
 
 
+def row_floor_speedup(dense: dict[str, int], sparse: dict[str, int], bandwidth: float, row_rate: float) -> float:
+    """The byte floor's speed-up with Double Sparsity's selected K/V rows read at `row_rate` instead of `bandwidth`.
+
+    dense and sparse: step_bytes of each method; dense reads its K/V in sequence, at the streaming rate.
+    """
+    sparse_seconds = (sparse["total"] - sparse["kv"]) / bandwidth + sparse["kv"] / row_rate
+    return dense["total"] / bandwidth / sparse_seconds
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark, print the table, write JSON and the plot."""
     import torch
@@ -394,6 +404,10 @@ def run(args: argparse.Namespace) -> int:
         rows[-1].update(
             speedup_vs_dense=speedup, floor_speedup=floor, share_of_floor=speedup / floor, cpu_speedup=cpu_speedup
         )
+        row_rate = row_rates.get(dtype_name)
+        if row_rate is not None:
+            row_floor = row_floor_speedup(moved["dense"], moved["double_sparsity"], bandwidth, row_rate)
+            rows[-1].update(row_floor_speedup=row_floor, share_of_row_floor=speedup / row_floor)
     progress.close()
 
     report = {
@@ -453,20 +467,22 @@ def format_table(report: dict[str, Any]) -> str:
         f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s{_huge_pages_note(report)}",
         f"{'dtype':>8} {'context':>8} {'batch':>5} {'method':<16} {'ms/step':>9} {'tokens/s':>9} {'cache MB':>9} "
         f"{'THP MB':>8} {'MB/step':>8} {'GB/s':>6} {'speed-up':>8} {'floor':>6} {'share':>6} "
-        f"{'cpu ms':>9} {'cpu x':>6}",
+        f"{'rows fl':>7} {'share':>6} {'cpu ms':>9} {'cpu x':>6}",
     ]
     for row in report["rows"]:
         speedup = f"{row['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in row else ""
         floor = f"{row['floor_speedup']:.2f}x" if "floor_speedup" in row else ""
         share = f"{100 * row['share_of_floor']:.0f}%" if "share_of_floor" in row else ""
         cpu_speedup = f"{row['cpu_speedup']:.2f}x" if "cpu_speedup" in row else ""
+        row_floor = f"{row['row_floor_speedup']:.2f}x" if "row_floor_speedup" in row else ""
+        row_share = f"{100 * row['share_of_row_floor']:.0f}%" if "share_of_row_floor" in row else ""
         huge = row.get("process_huge_page_bytes")
         huge = "-" if huge is None else f"{huge / 2**20:.0f}"
         lines.append(
             f"{row['dtype']:>8} {row['context']:>8} {row['batch']:>5} {row['method']:<16} {row['ms_per_step']:>9.2f} "
             f"{row['tokens_per_s']:>9.2f} {row['cache_bytes']['total'] / 2**20:>9.1f} "
             f"{huge:>8} {row['step_bytes']['total'] / 1e6:>8.1f} {row['gb_s']:>6.2f} {speedup:>8} {floor:>6} "
-            f"{share:>6} {row['cpu_ms_per_step']:>9.2f} {cpu_speedup:>6}"
+            f"{share:>6} {row_floor:>7} {row_share:>6} {row['cpu_ms_per_step']:>9.2f} {cpu_speedup:>6}"
         )
     broken_down = [row for row in report["rows"] if "breakdown_ms" in row]
     if broken_down:

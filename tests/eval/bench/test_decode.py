@@ -60,6 +60,9 @@ def test_bench_decode_writes_json_and_plot(tmp_path, capsys):
         floor = dense["step_bytes"]["total"] / sparse["step_bytes"]["total"]
         assert sparse["floor_speedup"] == pytest.approx(floor) and floor > 1
         assert sparse["share_of_floor"] == pytest.approx(sparse["speedup_vs_dense"] / floor)
+        if report["row_read_gb_s"][sparse["dtype"]] is not None:  # the floor with rows at the random-row rate
+            row_floor = sparse["row_floor_speedup"]
+            assert sparse["share_of_row_floor"] == pytest.approx(sparse["speedup_vs_dense"] / row_floor)
         assert sparse["cpu_speedup"] == pytest.approx(dense["cpu_ms_per_step"] / sparse["cpu_ms_per_step"])
         for row in (dense, sparse):
             assert row["gb_s"] == pytest.approx(row["step_bytes"]["total"] / (row["ms_per_step"] / 1e3) / 1e9)
@@ -71,6 +74,16 @@ def test_bench_decode_writes_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "bench_decode.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "floor" in out and "share" in out and "where a step goes" in out
+
+
+def test_the_rows_floor_reads_the_selected_rows_at_the_row_rate_and_the_rest_streaming():
+    from doublesparse.eval.bench.decode import row_floor_speedup
+
+    dense = {"weights": 100, "kv": 900, "labels": 0, "total": 1000}
+    sparse = {"weights": 100, "kv": 60, "labels": 40, "total": 200}
+    assert row_floor_speedup(dense, sparse, 10.0, 10.0) == pytest.approx(5.0)  # the byte floor itself
+    # K/V rows at half the streaming rate: 140 / 10 + 60 / 5 = 26 time units against 100.
+    assert row_floor_speedup(dense, sparse, 10.0, 5.0) == pytest.approx(100 / 26)
 
 
 def test_bench_decode_rejects_bad_budget_and_dtype(tmp_path):
