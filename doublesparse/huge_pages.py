@@ -16,6 +16,7 @@ and nothing else changes (the pages a tensor got can be read from /proc, `proces
 from __future__ import annotations
 
 import ctypes
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -84,10 +85,7 @@ def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
 
 def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """CPU zeros of `shape`, in memory advised for huge pages where they are large enough."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    block = _advised_block(numel * torch.empty(0, dtype=dtype).element_size())
+    block = _advised_block(math.prod(shape) * dtype.itemsize)
     if block is None:
         return torch.zeros(shape, dtype=dtype)
     return block.view(dtype).view(shape).zero_()

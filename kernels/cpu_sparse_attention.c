@@ -7,8 +7,9 @@
 
 /* Random rows defeat the hardware prefetcher: every cache line of a row is asked for some rows
  * ahead, into L2 (locality 2). Far ahead keeps more misses in flight than one core's L1 fill buffers
- * allow; measured on 8 layers' caches in turn (DRAM, huge pages, 2 threads, 32K, 1/16, batch 4):
- * 8 rows into L1 7.0 ms a layer, 48 rows into L2 6.3 ms; 24 rows, or L3, no better. */
+ * allow. Chosen by timing the fused step over 8 layers' caches in turn (DRAM, huge pages, 2 threads,
+ * 32K, 1/16, batch 4) against 8 rows into L1, 64 and 96 rows into L2 and 48 rows into L3; the end-to-end
+ * effect is in `bench decode` (docs/benchmarks.md). */
 #define PREFETCH_AHEAD 48
 
 static inline void prefetch_row(const uint8_t *row, int64_t bytes) {
